@@ -1,0 +1,436 @@
+"""The pruned forward: hooks that drop visual tokens during prefill and keep decode consistent.
+
+DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one model. Per prefill:
+
+* top-level pre-hook: find visual positions in ``input_ids``, per-sample drop counts from the recipe;
+* scoring attention (``fitprune.attention``) at layers with a nonzero entry: score alive visual
+  tokens on the layer's post-RoPE queries/keys and pick the ones to drop;
+* MLP pre/post hooks of that layer: the MLP runs on the survivors only (rows gathered, then
+  scattered back so the stock residual add still lines up);
+* layer post-hook: the layer output keeps only the survivors. The layer's own KV cache was written
+  before the drop, so it keeps them (they were keys/values in layer l);
+* pre-hooks of later layers: the attention mask, cos/sin and position ids are re-sliced to the
+  survivors, which keep their original RoPE positions;
+* final-norm post-hook: hidden states are scattered back to the input length (pruned positions are
+  zero), so logits line up with ``input_ids`` and labels.
+
+Samples of a batch may keep different numbers of tokens (LLaVA-NeXT, samples without an image):
+the compressed sequence is left-padded with *invalid* slots that no query may attend to.
+Decoding attends to each layer's shortened cache through re-sliced masks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import attention as attn_registry
+from . import scoring
+from .adapters import Adapter
+from .recipe import Recipe
+
+__all__ = ["Pruner", "PruneReport"]
+
+
+@dataclass
+class PruneReport:
+    """What the last pruned prefill really executed (numpy arrays, one row per sample).
+
+    ``attn_tokens[b, l]`` real tokens entering layer l's attention (padding excluded);
+    ``mlp_tokens[b, l]`` tokens its MLP ran on (= those left after its pruning);
+    ``attn_visual`` / ``mlp_visual`` the visual part of those; ``kept[b, p]`` whether input
+    position p survived every layer; ``dropped[b][l]`` original positions dropped after layer l.
+    """
+
+    attn_tokens: np.ndarray
+    mlp_tokens: np.ndarray
+    attn_visual: np.ndarray
+    mlp_visual: np.ndarray
+    n_visual: np.ndarray
+    kept: np.ndarray
+    dropped: list[list[list[int]]] = field(repr=False)
+
+    def flops(self, dims, convention: str = "full") -> np.ndarray:
+        """Per-sample prefill cost from the executed counts (``fitprune.flops`` conventions)."""
+        from .flops import prefill_flops
+
+        if convention == "fitprune-paper":
+            attn, mlp = self.attn_visual, self.mlp_visual
+        else:
+            attn, mlp = self.attn_tokens, self.mlp_tokens
+        return np.array(
+            [prefill_flops(dims, a.tolist(), m.tolist(), convention=convention) for a, m in zip(attn, mlp)]
+        )
+
+
+class _Prefill:
+    """Per-forward state of a pruned prefill, in compressed coordinates (B, Lc)."""
+
+    def __init__(self, input_len: int, visual: torch.Tensor, real: torch.Tensor, drops: torch.Tensor):
+        bsz = visual.shape[0]
+        device = visual.device
+        self.input_len = input_len
+        self.idx = torch.arange(input_len, device=device).expand(bsz, -1)  # original position of each slot
+        self.valid = torch.ones_like(visual)  # False on slots that only pad a ragged batch
+        self.visual = visual
+        self.real = real  # False on the model's own padding tokens
+        last_visual = torch.where(visual, torch.arange(input_len, device=device), -1).amax(1)
+        self.text = real & (torch.arange(input_len, device=device)[None, :] > last_visual[:, None])
+        self.drops = drops  # (B, num_layers) tokens to drop per sample after each layer
+        self.version = 0  # how many pruning layers have run so far
+        self.layer_version: list[int] = []  # version each layer saw (decode re-slices with it)
+        self.versions: list[tuple[torch.Tensor, torch.Tensor]] = [(self.idx, self.valid)]
+        self.pending: dict[int, torch.Tensor] = {}  # layer -> (B, Lc) drop mask from its attention
+        self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (sel, new_valid)
+        self.resliced: dict[tuple[int, int], object] = {}
+        self.counts: dict[str, list[torch.Tensor]] = {"attn": [], "attn_vis": []}  # one entry per layer
+        self.after_drop: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pruning layer -> MLP counts
+        self.dropped_positions: dict[int, torch.Tensor] = {}  # pruning layer -> (B, Lc) original idx or -1
+
+    def alive_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        alive = self.valid & self.real
+        return alive.sum(1), (alive & self.visual).sum(1)
+
+
+@dataclass
+class _Session:
+    """What a decode step needs from the pruned prefill that filled the cache."""
+
+    cache: weakref.ref
+    input_len: int
+    versions: list[tuple[torch.Tensor, torch.Tensor]]
+    layer_version: list[int]
+
+
+def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D)."""
+    lead = t.shape[:-3]
+    bsz, lc = idx.shape
+    t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
+    index = idx[..., None].expand(*lead, bsz, lc, t.shape[-1])
+    return torch.gather(t, -2, index)
+
+
+def _mask_fill(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def _prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor):
+    """Re-slice a prefill attention mask to the alive slots (rows and columns)."""
+    bsz, lc = idx.shape
+    device = idx.device
+    eye = torch.eye(lc, dtype=torch.bool, device=device)[None]
+    if mask is None:
+        if bool(valid.all()):
+            return None  # still plain causal in compressed order: SDPA keeps is_causal
+        allowed = torch.tril(torch.ones(lc, lc, dtype=torch.bool, device=device))[None] & valid[:, None, :]
+        return (allowed | (eye & ~valid[:, :, None]))[:, None]
+    if mask.dim() == 2:  # FlashAttention: (B, L) padding mask
+        return mask.gather(1, idx) * valid.to(mask.dtype)
+    m = mask.expand(bsz, *mask.shape[1:])
+    b = torch.arange(bsz, device=device)[:, None, None]
+    m = m[b, 0, idx[:, :, None], idx[:, None, :]]  # (B, Lc, Lc)
+    m = _mask_fill(m, valid[:, None, :] | (eye & ~valid[:, :, None]))
+    return m[:, None]
+
+
+def _decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, input_len: int, q_len: int, kv_len: int):
+    """Mask for a decode step at a layer whose prefill cache holds only the slots ``idx``."""
+    bsz, lc = idx.shape
+    device = idx.device
+    n_new = kv_len - input_len
+    if mask is None:
+        if bool(valid.all()):
+            return None
+        old = valid[:, None, :].expand(bsz, q_len, lc)
+        rows = torch.arange(q_len, device=device)[:, None] + (n_new - q_len)
+        new = (torch.arange(n_new, device=device)[None, :] <= rows)[None].expand(bsz, -1, -1)
+        return torch.cat([old, new], dim=-1)[:, None]
+    if mask.dim() == 2:
+        return torch.cat([mask[:, :input_len].gather(1, idx) * valid.to(mask.dtype), mask[:, input_len:]], 1)
+    m = mask.expand(bsz, *mask.shape[1:])
+    index = idx[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], lc)
+    old = _mask_fill(torch.gather(m[..., :input_len], -1, index), valid[:, None, None, :])
+    return torch.cat([old, m[..., input_len:]], dim=-1)
+
+
+def _replace_output(output, hidden: torch.Tensor):
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    return hidden
+
+
+class Pruner:
+    """All fitprune state of one model; created by :func:`fitprune.apply`."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, adapter: Adapter):
+        self.model = model
+        self.recipe = recipe
+        self.adapter = adapter
+        self.lm = adapter.language_model(model)
+        self.layers = list(self.lm.layers)
+        self.visual_ids = adapter.visual_token_ids(model)
+        self.prune_layers = [i for i, f in enumerate(recipe.drop_fractions) if f > 0]
+        self._drop_cache: dict[int, list[int]] = {}
+        self.prefill: _Prefill | None = None
+        self.session: _Session | None = None
+        self.decoding: _Session | None = None
+        self.last_report: PruneReport | None = None
+        self._handles: list = []
+        self._observed: list[nn.Module] = []
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        model = self.model
+        self._handles.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
+        if not self.prune_layers:
+            return  # a no-op recipe runs the stock model untouched
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+            if i in self.prune_layers:
+                attn_module = layer.self_attn
+                attn_registry.observe(attn_module, self._attention_observer(i))
+                self._observed.append(attn_module)
+                self._handles.append(layer.register_forward_hook(self._layer_post(i)))
+                mlp = getattr(layer, self.adapter.mlp_attr, None)
+                if mlp is not None:
+                    self._handles.append(mlp.register_forward_pre_hook(self._mlp_pre(i)))
+                    self._handles.append(mlp.register_forward_hook(self._mlp_post(i)))
+        self._handles.append(self.lm.norm.register_forward_hook(self._on_norm))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._observed:
+            attn_registry.unobserve(module)
+        self._observed.clear()
+        self.prefill = self.session = self.decoding = None
+
+    # ------------------------------------------------------------------ top level
+    def _drops_for(self, n_visual: int) -> list[int]:
+        if n_visual not in self._drop_cache:
+            self._drop_cache[n_visual] = self.recipe.drop_counts(n_visual) if n_visual else [0] * len(self.layers)
+        return self._drop_cache[n_visual]
+
+    def _on_model_start(self, module, args, kwargs):
+        self.prefill = None
+        self.decoding = None
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            session = self.session
+            if session is not None and session.cache() is cache:
+                self.decoding = session
+            return None
+        self.session = None
+        if not self.prune_layers:
+            return None
+        if input_ids is None:
+            raise ValueError(
+                "fitprune finds visual tokens in input_ids; this call passed inputs_embeds only. "
+                "Pass input_ids (with the image placeholder tokens), or remove the recipe for this call."
+            )
+        if cache is not None and type(cache).__name__ not in ("DynamicCache",):
+            raise NotImplementedError(
+                f"fitprune prunes with a DynamicCache; got {type(cache).__name__}. "
+                "Use the default cache (no cache_implementation='static') while a recipe is applied."
+            )
+        visual = self.adapter.visual_mask(self.model, input_ids)
+        n_visual = visual.sum(1).tolist()
+        if not any(n_visual) or input_ids.shape[1] < 2:
+            return None
+        mask2d = kwargs.get("attention_mask")
+        real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
+        drops = torch.tensor([self._drops_for(n) for n in n_visual], device=input_ids.device)
+        self.prefill = _Prefill(input_ids.shape[1], visual, real, drops)
+        return None
+
+    def _on_model_end(self, module, args, kwargs, output):
+        state, self.prefill, self.decoding = self.prefill, None, None
+        if state is None:
+            return None
+        self.last_report = self._report(state)
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and state.version > 0:
+            self.session = _Session(
+                cache=weakref.ref(cache),
+                input_len=state.input_len,
+                versions=state.versions,
+                layer_version=state.layer_version,
+            )
+        return None
+
+    # ------------------------------------------------------------------ layers
+    def _layer_pre(self, i: int):
+        def hook(layer, args, kwargs):
+            state = self.prefill
+            if state is not None:
+                state.layer_version.append(state.version)
+                alive, alive_vis = state.alive_counts()
+                state.counts["attn"].append(alive)
+                state.counts["attn_vis"].append(alive_vis)
+                if state.version == 0:
+                    return None
+                return args, self._reslice_prefill(state, kwargs)
+            session = self.decoding
+            if session is not None and session.layer_version[i] > 0:
+                return args, self._reslice_decode(session, i, args, kwargs)
+            return None
+
+        return hook
+
+    def _reslice_prefill(self, state: _Prefill, kwargs: dict) -> dict:
+        kwargs = dict(kwargs)
+        for name in ("attention_mask", "position_embeddings"):
+            value = kwargs.get(name)
+            key = (id(value), state.version)
+            if key not in state.resliced:
+                if name == "attention_mask":
+                    state.resliced[key] = _prefill_mask(value, state.idx, state.valid)
+                else:
+                    state.resliced[key] = None if value is None else tuple(_gather_seq(t, state.idx) for t in value)
+            kwargs[name] = state.resliced[key]
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = None  # gapped ids look like packed sequences to FlashAttention
+        return kwargs
+
+    def _reslice_decode(self, session: _Session, i: int, args, kwargs: dict) -> dict:
+        kwargs = dict(kwargs)
+        idx, valid = session.versions[session.layer_version[i]]
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        q_len = hidden.shape[1]
+        mask = kwargs.get("attention_mask")
+        kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
+        kwargs["attention_mask"] = _decode_mask(mask, idx, valid, session.input_len, q_len, kv_len)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = None
+        return kwargs
+
+    def _attention_observer(self, i: int):
+        def observe(module, query, key, mask, scaling):
+            state = self.prefill
+            if state is None or query.shape[2] < 2:
+                return
+            k = state.drops[:, i]
+            if not bool((k > 0).any()):
+                return
+            candidates = state.visual & state.valid
+            scores = self._scores(state, query, key, mask, scaling, i)
+            drop = scoring.select_drops(scores, candidates, k)
+            state.pending[i] = drop
+
+        return observe
+
+    def _scores(self, state: _Prefill, query, key, mask, scaling, layer: int) -> torch.Tensor:
+        rule = self.recipe.scoring
+        if rule == "random":
+            return scoring.random_scores(tuple(state.visual.shape), self.recipe.seed, layer, query.device)
+        if rule == "fastv":
+            return scoring.fastv_scores(query, key, mask, scaling)
+        # fitprune: rows from the first visual slot on (system rows are neither T nor V)
+        candidates = state.visual & state.valid
+        first = int(torch.where(candidates.any(0))[0].min())
+        probs = scoring.head_max_probs(query, key, mask, scaling, row_start=first)
+        c, s = scoring.cross_self(probs, state.text[:, first:] & state.valid[:, first:], candidates[:, first:])
+        return c * s
+
+    def _selection(self, state: _Prefill, i: int):
+        """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
+        if i not in state.selection:
+            keep = state.valid & ~state.pending[i]
+            n_keep = keep.sum(1)
+            new_len = int(n_keep.max())
+            order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # dropped first, order kept
+            sel = order[:, keep.shape[1] - new_len :]
+            state.selection[i] = (sel, keep.gather(1, sel))
+        return state.selection[i]
+
+    def _mlp_pre(self, i: int):
+        def hook(mlp, args):
+            state = self.prefill
+            if state is None or i not in state.pending:
+                return None
+            sel, _ = self._selection(state, i)
+            x = args[0]
+            return (torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])), *args[1:])
+
+        return hook
+
+    def _mlp_post(self, i: int):
+        def hook(mlp, args, output):
+            state = self.prefill
+            if state is None or i not in state.pending:
+                return None
+            sel, _ = self._selection(state, i)
+            full = output.new_zeros(output.shape[0], state.idx.shape[1], output.shape[-1])
+            return full.scatter(1, sel[..., None].expand(-1, -1, output.shape[-1]), output)
+
+        return hook
+
+    def _layer_post(self, i: int):
+        def hook(layer, args, output):
+            state = self.prefill
+            if state is None:
+                return None
+            if i not in state.pending:
+                return None
+            drop = state.pending.pop(i)
+            sel, new_valid = self._selection(state, i)
+            state.dropped_positions[i] = torch.where(drop, state.idx, -1)
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
+            state.idx = state.idx.gather(1, sel)
+            state.visual = state.visual.gather(1, sel)
+            state.text = state.text.gather(1, sel)
+            state.real = state.real.gather(1, sel)
+            state.valid = new_valid
+            state.version += 1
+            state.versions.append((state.idx, state.valid))
+            state.selection.pop(i)
+            state.after_drop[i] = state.alive_counts()
+            return _replace_output(output, hidden)
+
+        return hook
+
+    def _on_norm(self, norm, args, output):
+        state = self.prefill
+        if state is None or state.version == 0:
+            return None
+        # slot positions are distinct per sample; invalid slots write zeros at dropped positions
+        full = output.new_zeros(output.shape[0], state.input_len, output.shape[-1])
+        src = output * state.valid[..., None].to(output.dtype)
+        return full.scatter(1, state.idx[..., None].expand(-1, -1, output.shape[-1]), src)
+
+    # ------------------------------------------------------------------ report
+    def _report(self, state: _Prefill) -> PruneReport:
+        attn, attn_vis = state.counts["attn"], state.counts["attn_vis"]
+        mlp = [state.after_drop.get(i, (attn[i], attn_vis[i])) for i in range(len(attn))]
+
+        def stack(columns):
+            return torch.stack(columns, dim=1).cpu().numpy()
+
+        bsz = state.idx.shape[0]
+        kept = torch.zeros(bsz, state.input_len, dtype=torch.bool, device=state.idx.device)
+        kept.scatter_(1, state.idx, state.valid)
+        dropped = [[[] for _ in self.layers] for _ in range(bsz)]
+        for layer, positions in state.dropped_positions.items():
+            for b, row in enumerate(positions.cpu().tolist()):
+                dropped[b][layer] = sorted(p for p in row if p >= 0)
+        attn_visual = stack(attn_vis)
+        return PruneReport(
+            attn_tokens=stack(attn),
+            mlp_tokens=stack([m[0] for m in mlp]),
+            attn_visual=attn_visual,
+            mlp_visual=stack([m[1] for m in mlp]),
+            n_visual=attn_visual[:, 0].copy(),
+            kept=kept.cpu().numpy(),
+            dropped=dropped,
+        )

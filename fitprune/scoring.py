@@ -1,0 +1,107 @@
+"""Scoring rules: which alive visual tokens a pruning layer drops.
+
+All functions are pure tensor code on the compressed sequence of one layer (B = batch,
+H = query heads, Hkv = key/value heads, Lc = tokens alive entering the layer, R = query rows scored).
+
+* ``fitprune`` (paper §3, DESIGN.md §2): head-max attention A; cross score
+  c_v = mean_{t∈T} A[t, v] over the text rows after the last visual token, self score
+  s_v = mean_{i∈V} A[i, v] over the alive visual rows (causal, zeros counted); drop the lowest c·s.
+* ``fastv``: the last token's head-mean attention (FastV, Chen et al. 2024); drop the lowest.
+* ``random``: seeded uniform scores (a control).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops"]
+
+# Work memory for one head chunk of attention probabilities (float32 elements).
+_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+def _allowed_bias(mask: torch.Tensor | None, row_start: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Additive float32 bias (B or 1, R, Lc) for rows [row_start, q_len) from a layer's attention mask.
+
+    ``mask`` is what the model passes its attention function: None (plain causal), a 4D bool
+    (True = attend) or additive float mask (B, 1, Lq, Lkv), or a 2D FlashAttention padding mask (B, Lkv).
+    """
+    rows = torch.arange(row_start, q_len, device=device)[:, None] + (kv_len - q_len)
+    causal = torch.arange(kv_len, device=device)[None, :] <= rows  # (R, Lkv)
+    neg = torch.finfo(torch.float32).min
+    if mask is None:
+        return torch.where(causal, 0.0, neg)[None]
+    if mask.dim() == 2:  # FlashAttention padding mask: 1 = real token
+        allowed = causal[None] & mask[:, None, :].bool()
+        return torch.where(allowed, 0.0, neg)
+    m = mask[:, 0, row_start:q_len, :]
+    if m.dtype == torch.bool:
+        return torch.where(m, 0.0, neg)
+    return m.float().clamp(min=neg)
+
+
+def head_max_probs(
+    query: torch.Tensor,  # (B, H, Lc, hd), after RoPE
+    key: torch.Tensor,  # (B, Hkv, Lkv, hd), after RoPE and cache update
+    mask: torch.Tensor | None,
+    scaling: float,
+    row_start: int = 0,
+    reduce: str = "max",
+) -> torch.Tensor:
+    """Softmax attention probabilities of rows [row_start, Lc), reduced over heads: (B, R, Lkv) float32.
+
+    Heads are processed in chunks so memory stays at one chunk of (B, h, R, Lkv) float32.
+    """
+    bsz, n_heads, q_len, _ = query.shape
+    n_kv, kv_len = key.shape[1], key.shape[2]
+    groups = n_heads // n_kv
+    rows = q_len - row_start
+    bias = _allowed_bias(mask, row_start, q_len, kv_len, query.device)
+    chunk = max(1, min(n_heads, _CHUNK_ELEMENTS // max(1, bsz * rows * kv_len)))
+    out = None
+    for h0 in range(0, n_heads, chunk):
+        h1 = min(n_heads, h0 + chunk)
+        q = query[:, h0:h1, row_start:].float()  # (B, h, R, hd)
+        kv_heads = torch.arange(h0, h1, device=query.device) // groups
+        k = key.index_select(1, kv_heads).float()  # (B, h, Lkv, hd)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * scaling + bias[:, None], dim=-1)  # (B, h, R, Lkv)
+        if reduce == "max":
+            part = probs.amax(dim=1)
+            out = part if out is None else torch.maximum(out, part)
+        else:  # mean
+            part = probs.sum(dim=1)
+            out = part if out is None else out + part
+    return out if reduce == "max" else out / n_heads
+
+
+def cross_self(
+    probs: torch.Tensor,  # (B, R, Lkv) head-max probabilities of rows [row_start, Lc)
+    text_rows: torch.Tensor,  # (B, R) bool: text query rows T
+    visual_rows: torch.Tensor,  # (B, R) bool: alive visual query rows V
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross score c (mean over T) and self score s (mean over V), each (B, Lkv) float32."""
+    t = text_rows.float()
+    v = visual_rows.float()
+    c = torch.einsum("brk,br->bk", probs, t) / t.sum(1, keepdim=True).clamp(min=1)
+    s = torch.einsum("brk,br->bk", probs, v) / v.sum(1, keepdim=True).clamp(min=1)
+    return c, s
+
+
+def fastv_scores(query, key, mask, scaling) -> torch.Tensor:
+    """FastV: head-mean attention from the last query row, (B, Lkv)."""
+    q_len = query.shape[2]
+    return head_max_probs(query, key, mask, scaling, row_start=q_len - 1, reduce="mean")[:, 0]
+
+
+def random_scores(shape: tuple[int, int], seed: int, layer: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(layer))
+    return torch.rand(shape, generator=gen).to(device)
+
+
+def select_drops(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, Lc) bool: the k[b] lowest-scoring candidates of each sample (ties: earlier position first)."""
+    masked = torch.where(candidates, scores.float(), torch.inf)
+    order = torch.sort(masked, dim=1, stable=True).indices
+    k = torch.minimum(k, candidates.sum(1))
+    ranks_dropped = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
+    return torch.zeros_like(candidates).scatter(1, order, ranks_dropped)

@@ -1,0 +1,120 @@
+"""An independent reference for the pruned forward, written for the tests.
+
+It shares no code with ``fitprune``'s engine: one sample at a time, the language model run layer by
+layer with **eager** attention and ``attn_weights`` read off the attention module, scores computed
+from the full attention maps, and dropped tokens *physically removed* from the hidden states
+(survivors get cos/sin recomputed from their original position ids). With ``fixed_drops`` it
+replays a given drop schedule instead of scoring (for the cached-vs-uncached decode check).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Stop(Exception):
+    pass
+
+
+def language_model(model):
+    return model.model.language_model
+
+
+def capture_lm_inputs(model, inputs: dict) -> dict:
+    """Embeddings and position ids the top-level model hands its language model (B = 1)."""
+    lm = language_model(model)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fitprune", fixed_drops=None):
+    """Run one unpadded sample. Returns (logits (n_kept, V), kept original positions, dropped per layer).
+
+    drop_counts[l]: tokens to drop after layer l. fixed_drops[l]: original positions to drop instead.
+    """
+    assert inputs["input_ids"].shape[0] == 1
+    lm = language_model(model)
+    seen = capture_lm_inputs(model, inputs)
+    hidden = seen["inputs_embeds"]
+    length = hidden.shape[1]
+    position_ids = seen.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(length)[None]
+    elif position_ids.dim() == 3 and position_ids.shape[0] == 4:  # text positions prepended (Qwen2-VL)
+        position_ids = position_ids[1:]
+    ids = inputs["input_ids"][0]
+    visual = torch.isin(ids, torch.tensor(visual_ids))
+    vis_positions = torch.where(visual)[0]
+    last_visual = int(vis_positions.max()) if len(vis_positions) else -1
+    pos = list(range(length))
+    dropped = [[] for _ in lm.layers]
+
+    weights = {}
+    original = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    handles = [
+        layer.self_attn.register_forward_hook(lambda m, a, out, i=i: weights.__setitem__(i, out[1]))
+        for i, layer in enumerate(lm.layers)
+    ]
+    try:
+        with torch.no_grad():
+            for i, layer in enumerate(lm.layers):
+                n = len(pos)
+                pid = position_ids[..., pos]
+                cos, sin = lm.rotary_emb(hidden, pid)
+                mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+                out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
+                            past_key_values=None, use_cache=False)
+                hidden = out[0] if isinstance(out, tuple) else out
+                if fixed_drops is not None:
+                    drop = [j for j, p in enumerate(pos) if p in set(fixed_drops[i])]
+                elif drop_counts[i] > 0:
+                    drop = _choose(weights[i][0], pos, visual, last_visual, drop_counts[i], scoring)
+                else:
+                    drop = []
+                if drop:
+                    dropped[i] = sorted(pos[j] for j in drop)
+                    keep = [j for j in range(n) if j not in set(drop)]
+                    hidden = hidden[:, keep]
+                    pos = [pos[j] for j in keep]
+            logits = model.lm_head(lm.norm(hidden))[0]
+    finally:
+        for h in handles:
+            h.remove()
+        lm.set_attn_implementation(original)
+    return logits, pos, dropped
+
+
+def _choose(attn, pos, visual, last_visual, k, scoring):
+    """Indices (into the current sequence) of the k tokens to drop; attn is (H, n, n) eager weights."""
+    alive_vis = [j for j, p in enumerate(pos) if visual[p]]
+    if scoring == "fastv":
+        score = {j: float(attn[:, -1, j].mean()) for j in alive_vis}
+    else:
+        a = attn.max(dim=0).values  # head max, (n, n)
+        text_rows = [j for j, p in enumerate(pos) if p > last_visual]
+        c = {j: float(sum(a[t, j] for t in text_rows)) / max(1, len(text_rows)) for j in alive_vis}
+        s = {j: float(sum(a[r, j] for r in alive_vis)) / len(alive_vis) for j in alive_vis}
+        score = {j: c[j] * s[j] for j in alive_vis}
+    ranked = sorted(alive_vis, key=lambda j: (score[j], j))
+    return sorted(ranked[: min(k, len(ranked))])
+
+
+def sample_inputs(batch: dict, b: int) -> dict:
+    """Sample b of a left-padded batch, padding removed, with its own image tensors."""
+    mask = batch["attention_mask"][b].bool()
+    out = {"input_ids": batch["input_ids"][b][mask][None], "attention_mask": torch.ones(1, int(mask.sum()), dtype=torch.long)}
+    return out
