@@ -243,10 +243,10 @@ class Pruner:
                 f"fitprune prunes with a DynamicCache; got {type(cache).__name__}. "
                 "Use the default cache (no cache_implementation='static') while a recipe is applied."
             )
+        if input_ids.shape[1] < 2:
+            return None
         visual = self.adapter.visual_mask(self.model, input_ids)
         n_visual = visual.sum(1).tolist()
-        if not any(n_visual) or input_ids.shape[1] < 2:
-            return None
         mask2d = kwargs.get("attention_mask")
         real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
         drops = torch.tensor([self._drops_for(n) for n in n_visual], device=input_ids.device)

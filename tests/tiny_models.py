@@ -54,6 +54,16 @@ def _clip(image_size: int, patch: int) -> CLIPVisionConfig:
     )
 
 
+def _peaky(model):
+    """Scale the text model's query/key weights so attention is far from uniform (random init gives
+    near-uniform maps, where head-max and head-mean rank tokens alike and tests could not tell)."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model
+
+
 def _prompt_ids(gen: torch.Generator, n: int) -> list[int]:
     return torch.randint(1, IMAGE_ID - 10, (n,), generator=gen).tolist()
 
@@ -84,7 +94,7 @@ def tiny_llava(seed: int = 0, attn: str = "sdpa", num_layers: int = 4):
         vision_feature_layer=-1,
     )
     config._attn_implementation = attn
-    model = LlavaForConditionalGeneration(config).eval()
+    model = _peaky(LlavaForConditionalGeneration(config).eval())
     model.set_attn_implementation(attn)
     n_vis = 36
 
@@ -115,7 +125,7 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
         image_grid_pinpoints=pinpoints,
         vision_feature_layer=-1,
     )
-    model = LlavaNextForConditionalGeneration(config).eval()
+    model = _peaky(LlavaNextForConditionalGeneration(config).eval())
     model.set_attn_implementation(attn)
 
     def n_features(size) -> int:
@@ -165,7 +175,7 @@ def _tiny_qwen(cls, config_cls, seed: int, attn: str):
         vision_start_token_id=VIDEO_ID + 1,
         vision_end_token_id=VIDEO_ID + 2,
     )
-    model = cls(config).eval()
+    model = _peaky(cls(config).eval())
     model.set_attn_implementation(attn)
     patch_dim = 3 * 2 * 2 * 2
 
