@@ -33,7 +33,7 @@ from . import scoring
 from .adapters import Adapter
 from .recipe import Recipe
 
-__all__ = ["Pruner", "PruneReport"]
+__all__ = ["Probe", "Pruner", "PruneReport"]
 
 
 @dataclass
@@ -106,6 +106,19 @@ class _Session:
     layer_version: list[int]
 
 
+class Probe:
+    """Looks at (and may decide) every layer's drops during a prefill; used by statistics
+    collection and the progressive fit. ``on_scores`` returns a (B, Lc) drop mask or None
+    (None: the recipe decides)."""
+
+    def begin(self, state: _Prefill) -> None: ...
+
+    def on_scores(self, layer: int, state: _Prefill, cross, self_, candidates) -> torch.Tensor | None:
+        return None
+
+    def end(self, state: _Prefill, report: "PruneReport") -> None: ...
+
+
 def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D)."""
     lead = t.shape[:-3]
@@ -169,14 +182,18 @@ def _replace_output(output, hidden: torch.Tensor):
 class Pruner:
     """All fitprune state of one model; created by :func:`fitprune.apply`."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, adapter: Adapter):
+    def __init__(self, model: nn.Module, recipe: Recipe, adapter: Adapter, probe: "Probe | None" = None):
         self.model = model
         self.recipe = recipe
         self.adapter = adapter
+        self.probe = probe
         self.lm = adapter.language_model(model)
         self.layers = list(self.lm.layers)
         self.visual_ids = adapter.visual_token_ids(model)
-        self.prune_layers = [i for i, f in enumerate(recipe.drop_fractions) if f > 0]
+        recipe_layers = {i for i, f in enumerate(recipe.drop_fractions) if f > 0}
+        probe_layers = set(range(len(self.layers))) if probe is not None else set()
+        # layers whose attention is looked at, and where tokens may be dropped
+        self.prune_layers = sorted(recipe_layers | probe_layers)
         self._drop_cache: dict[int, list[int]] = {}
         self.prefill: _Prefill | None = None
         self.session: _Session | None = None
@@ -251,6 +268,8 @@ class Pruner:
         real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
         drops = torch.tensor([self._drops_for(n) for n in n_visual], device=input_ids.device)
         self.prefill = _Prefill(input_ids.shape[1], visual, real, drops)
+        if self.probe is not None:
+            self.probe.begin(self.prefill)
         return None
 
     def _on_model_end(self, module, args, kwargs, output):
@@ -258,6 +277,8 @@ class Pruner:
         if state is None:
             return None
         self.last_report = self._report(state)
+        if self.probe is not None:
+            self.probe.end(state, self.last_report)
         cache = getattr(output, "past_key_values", None)
         if cache is not None and state.version > 0:
             self.session = _Session(
@@ -319,28 +340,35 @@ class Pruner:
             state = self.prefill
             if state is None or query.shape[2] < 2:
                 return
-            k = state.drops[:, i]
-            if not bool((k > 0).any()):
-                return
             candidates = state.visual & state.valid
-            scores = self._scores(state, query, key, mask, scaling, i)
-            drop = scoring.select_drops(scores, candidates, k)
-            state.pending[i] = drop
+            if not bool(candidates.any()):
+                return
+            k = state.drops[:, i]
+            by_recipe = bool((k > 0).any())
+            rule = self.recipe.scoring
+            cs = None
+            if self.probe is not None or (by_recipe and rule == "fitprune"):
+                cs = self._cross_self(state, query, key, mask, scaling, candidates)
+            drop = self.probe.on_scores(i, state, *cs, candidates) if self.probe is not None else None
+            if drop is None and by_recipe:
+                if rule == "fitprune":
+                    scores = cs[0] * cs[1]
+                elif rule == "fastv":
+                    scores = scoring.fastv_scores(query, key, mask, scaling)
+                else:
+                    scores = scoring.random_scores(tuple(candidates.shape), self.recipe.seed, i, query.device)
+                drop = scoring.select_drops(scores, candidates, k)
+            if drop is not None and bool(drop.any()):
+                state.pending[i] = drop
 
         return observe
 
-    def _scores(self, state: _Prefill, query, key, mask, scaling, layer: int) -> torch.Tensor:
-        rule = self.recipe.scoring
-        if rule == "random":
-            return scoring.random_scores(tuple(state.visual.shape), self.recipe.seed, layer, query.device)
-        if rule == "fastv":
-            return scoring.fastv_scores(query, key, mask, scaling)
-        # fitprune: rows from the first visual slot on (system rows are neither T nor V)
-        candidates = state.visual & state.valid
-        first = int(torch.where(candidates.any(0))[0].min())
+    @staticmethod
+    def _cross_self(state: _Prefill, query, key, mask, scaling, candidates):
+        """FitPrune's c and s (B, Lc) for the alive visual slots (0 elsewhere before row_start)."""
+        first = int(torch.where(candidates.any(0))[0].min())  # system rows are neither T nor V
         probs = scoring.head_max_probs(query, key, mask, scaling, row_start=first)
-        c, s = scoring.cross_self(probs, state.text[:, first:] & state.valid[:, first:], candidates[:, first:])
-        return c * s
+        return scoring.cross_self(probs, state.text[:, first:] & state.valid[:, first:], candidates[:, first:])
 
     def _selection(self, state: _Prefill, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
