@@ -15,7 +15,7 @@ from .adapters import get_adapter
 from .prune import Pruner, PruneReport
 from .recipe import Recipe, validate_for
 
-__all__ = ["Applied", "apply", "remove", "last_report"]
+__all__ = ["Applied", "apply", "attach", "remove", "last_report"]
 
 _ATTR = "_fitprune"
 
@@ -62,6 +62,11 @@ def apply(model: nn.Module, recipe: Recipe) -> Applied:
     >>> with fitprune.apply(model, fitprune.preset("llava-1.5-7b/60")):
     ...     out = model.generate(**inputs, max_new_tokens=32)
     """
+    return attach(model, recipe)
+
+
+def attach(model: nn.Module, recipe: Recipe, probe=None) -> Applied:
+    """:func:`apply` with an optional :class:`fitprune.prune.Probe` (statistics, progressive fit)."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"apply() needs a fitprune.Recipe, got {type(recipe).__name__}; load one with Recipe.load(path)")
     if getattr(model, _ATTR, None) is not None:
@@ -74,7 +79,7 @@ def apply(model: nn.Module, recipe: Recipe) -> Applied:
     original_impl = lm.config._attn_implementation
     base = original_impl[len(attn_registry.PREFIX):] if original_impl.startswith(attn_registry.PREFIX) else original_impl
     twin = attn_registry.wrapped_name(base)  # raises for unsupported implementations
-    pruner = Pruner(model, recipe, adapter)
+    pruner = Pruner(model, recipe, adapter, probe=probe)
     handle = Applied(model, pruner, base)
     lm.set_attn_implementation(twin)
     pruner.install()

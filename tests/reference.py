@@ -40,10 +40,13 @@ def capture_lm_inputs(model, inputs: dict) -> dict:
     return seen
 
 
-def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fitprune", fixed_drops=None):
+def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fitprune", fixed_drops=None,
+                      record=None):
     """Run one unpadded sample. Returns (logits (n_kept, V), kept original positions, dropped per layer).
 
     drop_counts[l]: tokens to drop after layer l. fixed_drops[l]: original positions to drop instead.
+    record: a list that receives, per layer, {original visual position: (c, s)} of the alive visual
+    tokens, computed from the full eager attention map.
     """
     assert inputs["input_ids"].shape[0] == 1
     lm = language_model(model)
@@ -79,6 +82,8 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
                 out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                             past_key_values=None, use_cache=False)
                 hidden = out[0] if isinstance(out, tuple) else out
+                if record is not None:
+                    record.append(_cross_self(weights[i][0], pos, visual, last_visual))
                 if fixed_drops is not None:
                     drop = [j for j, p in enumerate(pos) if p in set(fixed_drops[i])]
                 elif drop_counts[i] > 0:
@@ -96,6 +101,16 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
             h.remove()
         lm.set_attn_implementation(original)
     return logits, pos, dropped
+
+
+def _cross_self(attn, pos, visual, last_visual):
+    a = attn.max(dim=0).values.double()
+    alive_vis = [j for j, p in enumerate(pos) if visual[p]]
+    text_rows = [j for j, p in enumerate(pos) if p > last_visual]
+    return {
+        pos[j]: (float(a[text_rows, j].mean()), float(a[alive_vis, j].sum() / len(alive_vis)))
+        for j in alive_vis
+    }
 
 
 def _choose(attn, pos, visual, last_visual, k, scoring):

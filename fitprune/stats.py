@@ -1,0 +1,168 @@
+"""Collect FitPrune attention statistics from a live model (DESIGN.md §2, issue "Calibration").
+
+``collect_stats(model, batches)`` runs the model's own fast attention path; at every decoder layer
+the scoring attention twin computes head-max attention rows for the text and alive visual queries
+(in head chunks), reduces them to the cross score c and self score s of each alive visual token,
+and hands them to the CPU right away, so device memory does not grow with the number of layers.
+With ``recipe=`` the statistics are those of the *pruned* model (the refine step of the fit).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .apply import attach, remove
+from .calibration import CalibrationStats
+from .prune import Probe, PruneReport, _Prefill
+from .recipe import Recipe
+
+__all__ = ["collect_stats"]
+
+
+class _StatsProbe(Probe):
+    """Records c and s of alive visual tokens, per layer, as (B, V) numpy arrays (NaN: not alive)."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.batches: list[dict] = []
+
+    def begin(self, state: _Prefill) -> None:
+        visual = state.visual
+        self._rank = visual.long().cumsum(1) - 1  # original position -> visual index
+        self._n_vis = int(visual.sum(1).max())
+        self._cross: list[np.ndarray] = []
+        self._self: list[np.ndarray] = []
+
+    def on_scores(self, layer, state, cross, self_, candidates):
+        rank = self._rank.gather(1, state.idx).masked_fill(~candidates, self._n_vis)  # dummy column for the rest
+        for values, out in ((cross, self._cross), (self_, self._self)):
+            dense = torch.full((rank.shape[0], self._n_vis + 1), float("nan"), device=rank.device)
+            dense.scatter_(1, rank, values.float())
+            out.append(dense[:, :-1].cpu().numpy())
+        return None
+
+    def end(self, state: _Prefill, report: PruneReport) -> None:
+        if len(self._cross) != self.num_layers:
+            return  # a forward without visual tokens: nothing to record
+        self.batches.append(
+            {
+                "cross": np.stack(self._cross, axis=1),  # (B, L, V)
+                "self": np.stack(self._self, axis=1),
+                "n_alive": report.attn_visual.copy(),  # (B, L)
+            }
+        )
+
+
+def _token_counts(input_ids: torch.Tensor, visual: torch.Tensor, real: torch.Tensor):
+    """Per sample (n_system, n_visual, n_text): real tokens before the first / after the last visual token."""
+    length = input_ids.shape[1]
+    pos = torch.arange(length, device=input_ids.device)[None]
+    first = torch.where(visual, pos, length).amin(1)
+    last = torch.where(visual, pos, -1).amax(1)
+    n_system = (real & (pos < first[:, None])).sum(1)
+    n_text = (real & (pos > last[:, None])).sum(1)
+    return n_system.cpu().numpy(), visual.sum(1).cpu().numpy(), n_text.cpu().numpy()
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[Mapping],
+    *,
+    recipe: Recipe | None = None,
+    checkpoint: str | None = None,
+    calib_id: str | None = None,
+    progress: Callable[[int], None] | bool = False,
+) -> CalibrationStats:
+    """Cross/self scores of every visual token at every layer for a calibration set.
+
+    ``batches`` yields model-input dicts (``input_ids``, ``attention_mask``, pixel inputs…), as a
+    processor returns them; an optional ``"sample_ids"`` entry (list of str) names the samples.
+    Every sample must contain visual tokens. Returns :class:`CalibrationStats`; its ``to_arrow()``
+    gives the token table (sample, layer, token, cross, self) and the layer table (masses and counts).
+    """
+    adapter = get_adapter(model)
+    num_layers = adapter.num_layers(model)
+    if recipe is None:
+        recipe = Recipe(drop_fractions=(0.0,) * num_layers, family=adapter.family)
+    probe = _StatsProbe(num_layers)
+    tick = _progress(progress)
+    ids_seen: list[str] = []
+    counts: list[tuple] = []
+    handle = attach(model, recipe, probe=probe)
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            names = batch.pop("sample_ids", None)
+            input_ids = batch["input_ids"]
+            visual = adapter.visual_mask(model, input_ids)
+            mask = batch.get("attention_mask")
+            real = mask.bool() if mask is not None else torch.ones_like(visual)
+            n_sys, n_vis, n_txt = _token_counts(input_ids, visual, real)
+            start = len(ids_seen)
+            names = [str(n) for n in names] if names is not None else [str(start + i) for i in range(len(n_vis))]
+            empty = [names[i] for i, n in enumerate(n_vis) if n == 0]
+            if empty:
+                raise ValueError(
+                    f"calibration samples without visual tokens: {empty[:5]}; every calibration sample needs an image"
+                )
+            with torch.no_grad():
+                model(**batch, use_cache=False)
+            if len(probe.batches) != (1 + len(counts)):
+                raise RuntimeError("statistics were not recorded for a batch; is another hook stopping the forward?")
+            ids_seen += names
+            counts.append((n_sys, n_vis, n_txt))
+            tick(len(names))
+    finally:
+        remove(model)
+    if not probe.batches:
+        raise ValueError("the calibration set is empty: collect_stats needs at least one batch with an image")
+    return _assemble(probe.batches, counts, ids_seen, recipe, checkpoint, calib_id, adapter.family)
+
+
+def _assemble(batches, counts, names, recipe, checkpoint, calib_id, family) -> CalibrationStats:
+    width = max(b["cross"].shape[2] for b in batches)
+
+    def pad(a):
+        return np.pad(a, ((0, 0), (0, 0), (0, width - a.shape[2])), constant_values=np.nan)
+
+    cross = np.concatenate([pad(b["cross"]) for b in batches])
+    self_ = np.concatenate([pad(b["self"]) for b in batches])
+    n_alive = np.concatenate([b["n_alive"] for b in batches])
+    n_system = np.concatenate([c[0] for c in counts])
+    n_visual = np.concatenate([c[1] for c in counts])
+    n_text = np.concatenate([c[2] for c in counts])
+    return CalibrationStats(
+        cross=cross,
+        self_=self_,
+        n_visual=n_visual,
+        n_system=n_system,
+        n_text=n_text,
+        cross_mass=np.nansum(cross.astype(np.float64), axis=2),
+        self_mass=np.nansum(self_.astype(np.float64), axis=2),
+        sample_ids=names,
+        checkpoint=checkpoint,
+        calib_id=calib_id,
+        family=family,
+        n_alive=None if recipe.is_noop else n_alive,
+    )
+
+
+def _progress(progress) -> Callable[[int], None]:
+    if callable(progress):
+        return progress
+    if not progress:
+        return lambda n: None
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        print(f"\rstatistics: {done[0]} samples", end="", file=sys.stderr, flush=True)
+
+    return tick
