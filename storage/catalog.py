@@ -1,0 +1,242 @@
+"""The DuckDB catalog: a file of views over the Parquet tables, rebuilt whenever it is stale.
+
+``<root>/catalog.duckdb`` holds views only, so it can be deleted and rebuilt at any time:
+
+* the raw layer, one view per table of ``storage.tables`` named after it, from the template
+  ``sql/_table.sql`` (its globs are read when a query runs, so new files show up without a rebuild);
+* one view per other ``sql/<view>.sql`` file, named after the file, reading only views;
+* ``catalog_info``: the root, a hash of the SQL and schemas it was built from, DuckDB's version.
+
+``build_catalog`` writes a temp file and renames it over the catalog, so a reader opens either
+the old or the new catalog, never a half-built one. ``connect`` rebuilds a missing or stale
+catalog first. Query parameters are bound (``$name``), never formatted into SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import duckdb
+import pyarrow as pa
+
+from .root import catalog_path, data_root, table_dir
+from .store import clean_stale_tmp, ensure_empty
+from .tables import TABLES, Table
+
+__all__ = ["SQL_DIR", "view_names", "build_catalog", "connect", "query", "pareto", "format_table"]
+
+SQL_DIR = Path(__file__).with_name("sql")
+_TEMPLATE = "_table.sql"
+_GLOB_CHARS = set("*?[]{}")
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (for file paths in view DDL, where parameters cannot be bound)."""
+    if "\x00" in text:
+        raise ValueError("NUL character in a SQL string")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _duckdb_type(t: pa.DataType) -> str:
+    if t == pa.string():
+        return "VARCHAR"
+    raise ValueError(f"no DuckDB type for partition column type {t}")
+
+
+def _view_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SQL_DIR.glob("*.sql")) if not p.name.startswith("_")}
+
+
+def view_names() -> list[str]:
+    """Every view the catalog holds: the tables' raw views, the ``sql/*.sql`` views, ``catalog_info``."""
+    return [*TABLES, *_view_files(), "catalog_info"]
+
+
+def _raw_view_sql(spec: Table, root: Path, template: str) -> str:
+    base = table_dir(spec.name, root)
+    if _GLOB_CHARS & set(str(base)):
+        raise ValueError(
+            f"the data root {root} contains one of {''.join(sorted(_GLOB_CHARS))}, which DuckDB would read "
+            "as a file pattern; choose a data root without them (argument or $FITPRUNE_DATA)"
+        )
+    # the parts and the typed _empty.parquet all sit one directory level per partition column down
+    pattern = "/".join([str(base), *(f"{key}=*" for key in spec.partition_by), "*.parquet"])
+    if spec.partition_by:
+        types = ", ".join(f"{_literal(k)}: {_duckdb_type(spec.column(k).type)}" for k in spec.partition_by)
+        hive = f"hive_partitioning = true, hive_types = {{{types}}}"
+    else:
+        hive = "hive_partitioning = false"
+    return (
+        template.replace("@columns@", ", ".join(_ident(n) for n in spec.names))
+        .replace("@files@", _literal(pattern))
+        .replace("@hive@", hive)
+    )
+
+
+def _fingerprint(root: Path) -> str:
+    h = hashlib.sha256()
+    h.update(str(root).encode() + b"\0" + duckdb.__version__.encode())
+    for spec in TABLES.values():
+        h.update(spec.name.encode() + spec.fingerprint.encode())
+    for path in sorted(SQL_DIR.glob("*.sql")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    template = (SQL_DIR / _TEMPLATE).read_text()
+    for spec in TABLES.values():
+        ensure_empty(spec.name, root)
+        con.execute(f"CREATE VIEW {_ident(spec.name)} AS\n{_raw_view_sql(spec, root, template)}")
+    # Views may read each other: create in rounds until every one binds (or none progresses).
+    pending = {name: path.read_text() for name, path in _view_files().items()}
+    while pending:
+        errors = {}
+        for name, body in list(pending.items()):
+            try:
+                con.execute(f"CREATE VIEW {_ident(name)} AS\n{body}")
+            except duckdb.Error as exc:
+                errors[name] = exc
+        if len(errors) == len(pending):  # no view built in this round
+            name, exc = next(iter(errors.items()))
+            raise ValueError(f"view {name!r} ({SQL_DIR / (name + '.sql')}) does not build: {exc}") from exc
+        pending = {name: pending[name] for name in errors}
+    info = (
+        f"SELECT {_literal(str(root))} AS root, {_literal(_fingerprint(root))} AS fingerprint, "
+        f"{_literal(duckdb.__version__)} AS duckdb_version, "
+        f"TIMESTAMPTZ {_literal(datetime.now(timezone.utc).isoformat())} AS built_at"
+    )
+    con.execute(f"CREATE VIEW catalog_info AS {info}")
+    for name in view_names():
+        con.execute(f"SELECT * FROM {_ident(name)} LIMIT 0").fetchall()
+
+
+def build_catalog(root=None) -> Path:
+    """(Re)create ``<root>/catalog.duckdb`` with every view; return its path.
+
+    Atomic: built in a temp file next to it and renamed over it. Safe to run while others read.
+    """
+    root = data_root(root)
+    final = catalog_path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_tmp(root, time.time(), ".catalog.*")  # from builds killed over an hour ago
+    tmp = root / f".catalog.{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb.tmp"
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            _create_views(con, root)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, final)
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".wal")):
+            leftover.unlink(missing_ok=True)
+    return final
+
+
+def _open_current(path: Path, root: Path, read_only: bool) -> duckdb.DuckDBPyConnection | None:
+    """A connection to the catalog if it opens and was built for this root and code, else None."""
+    try:
+        con = duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error:
+        return None
+    try:
+        rows = con.execute("SELECT root, fingerprint FROM catalog_info").fetchall()
+    except duckdb.Error:
+        rows = None
+    if rows == [(str(root), _fingerprint(root))]:
+        return con
+    con.close()
+    return None
+
+
+def connect(root=None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection to the catalog, rebuilt first if it is missing or stale.
+
+    Read-only by default, which many processes may hold at once. ``read_only=False`` locks the
+    file for this process alone; anything you create in it is lost at the next rebuild.
+    """
+    root = data_root(root)
+    path = catalog_path(root)
+    con = _open_current(path, root, read_only) if path.exists() else None
+    if con is None:
+        build_catalog(root)
+        con = duckdb.connect(str(path), read_only=read_only)
+    return con
+
+
+def query(sql: str, params: Mapping[str, Any] | list | None = None, root=None) -> pa.Table:
+    """Run one read query on the catalog's views and return an Arrow table.
+
+    Bind values as parameters: ``query("SELECT * FROM evaluations WHERE benchmark = $b", {"b": "pope"})``.
+    """
+    con = connect(root)
+    try:
+        result = con.sql(sql, params=params)
+        if result is None:
+            raise ValueError(f"query() runs one SELECT and returns its rows; this returned none: {sql[:80]!r}")
+        return result.to_arrow_table()
+    finally:
+        con.close()
+
+
+_PARETO_SQL = """
+SELECT * FROM pareto
+WHERE ($checkpoint IS NULL OR checkpoint = $checkpoint)
+  AND ($benchmark IS NULL OR benchmark = $benchmark)
+ORDER BY checkpoint, benchmark, metric_name, flops_reduction, recipe_id
+"""
+
+
+def pareto(root=None, checkpoint: str | None = None, benchmark: str | None = None) -> pa.Table:
+    """The Pareto front (flops_reduction up, metric up) per checkpoint, benchmark and metric.
+
+    Rows of the ``pareto`` view (see ``sql/pareto.sql``), optionally for one checkpoint and/or
+    benchmark, sorted by increasing FLOPs reduction.
+    """
+    return query(_PARETO_SQL, {"checkpoint": checkpoint, "benchmark": benchmark}, root=root)
+
+
+def _cell(value: Any, width: int = 40) -> str:
+    if value is None:
+        text = "NULL"
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    elif isinstance(value, date):
+        text = value.isoformat()
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(_cell(v, width) for v in value) + "]"
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(table: pa.Table, max_rows: int = 50) -> str:
+    """A plain aligned text table (numbers right-aligned), at most ``max_rows`` rows, with a count."""
+    shown = table.slice(0, max(0, max_rows)).to_pylist()
+    names = table.column_names
+    cells = [[_cell(row[n]) for n in names] for row in shown]
+    widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+    right = [pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) for t in table.schema.types]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
+
+    out = [line(names), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    n = table.num_rows
+    out.append(f"({n} row{'s' if n != 1 else ''})" if n <= len(shown) else f"({len(shown)} of {n} rows shown)")
+    return "\n".join(out)
