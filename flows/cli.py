@@ -47,9 +47,16 @@ def _cmd_pareto(args) -> int:
 
 
 def _cmd_sql(args) -> int:
-    from storage.catalog import format_table, query
+    import duckdb
 
-    print(format_table(query(args.query, root=args.data_root), max_rows=args.max_rows))
+    from storage.catalog import format_table, query, view_names
+
+    try:
+        table = query(args.query, root=args.data_root)
+    except duckdb.Error as err:
+        print(f"fitprune sql: {err}\nviews: {', '.join(view_names())}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_table(table, max_rows=args.max_rows))
     return 0
 
 

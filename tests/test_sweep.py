@@ -1,0 +1,55 @@
+"""The main job end to end (small sizes): store rows, DuckDB Pareto front, statistics reuse, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import main
+from storage import catalog, store
+
+
+def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
+    args = ["--data-root", str(tmp_path), "sweep", "--budgets", "0.4,0.7", "--calib-samples", "8",
+            "--eval-samples", "8", "--batch-size", "8"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "Pareto front" in out and "none" in out
+    assert "interim demo" in err  # says what it ran
+    evals = store.read_table("evaluations", tmp_path)
+    assert sorted(set(evals.column("method").to_pylist())) == ["fastv", "fitprune", "none", "random"]
+    for row in evals.to_pylist():
+        if row["method"] != "none":  # measured FLOPs land within a point of the budget (feasible side)
+            recipe = [r for r in store.read_table("recipes", tmp_path).to_pylist() if r["recipe_id"] == row["recipe_id"]][0]
+            assert recipe["budget"] - 0.01 <= row["flops_reduction"] <= recipe["budget"] + 0.03
+    front = catalog.query("SELECT * FROM pareto", root=tmp_path)
+    assert front.num_rows >= 2
+    assert main(args) == 0
+    _, err = capsys.readouterr()
+    assert "reusing" in err
+    assert store.read_table("stats_layer", tmp_path).num_rows == 8 * 8  # not written twice
+
+
+def test_bad_arguments_exit_nonzero(tmp_path, capsys):
+    assert main(["--data-root", str(tmp_path), "sweep", "--budgets", "1.5"]) == 1
+    assert "budgets must lie in (0, 1)" in capsys.readouterr().err
+    assert main(["--data-root", str(tmp_path), "sweep", "--methods", "magic"]) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--budgets", "abc"])
+    assert exc.value.code == 2
+
+
+def test_sql_and_presets_commands(tmp_path, capsys):
+    assert main(["--data-root", str(tmp_path), "sql", "SELECT 41 + 1 AS answer"]) == 0
+    assert "42" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    assert "llava-1.5-7b/60" in capsys.readouterr().out
+    assert main(["--data-root", str(tmp_path), "sql", "SELECT * FROM no_such_view"]) == 1
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "presets"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "59.70" in result.stdout
