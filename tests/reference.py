@@ -55,11 +55,11 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
     length = hidden.shape[1]
     position_ids = seen.get("position_ids")
     if position_ids is None:
-        position_ids = torch.arange(length)[None]
+        position_ids = torch.arange(length, device=hidden.device)[None]
     elif position_ids.dim() == 3 and position_ids.shape[0] == 4:  # text positions prepended (Qwen2-VL)
         position_ids = position_ids[1:]
     ids = inputs["input_ids"][0]
-    visual = torch.isin(ids, torch.tensor(visual_ids))
+    visual = torch.isin(ids, torch.tensor(visual_ids, device=ids.device)).cpu()
     vis_positions = torch.where(visual)[0]
     last_visual = int(vis_positions.max()) if len(vis_positions) else -1
     pos = list(range(length))
@@ -78,7 +78,7 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
                 n = len(pos)
                 pid = position_ids[..., pos]
                 cos, sin = lm.rotary_emb(hidden, pid)
-                mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+                mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
                 out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
                             past_key_values=None, use_cache=False)
                 hidden = out[0] if isinstance(out, tuple) else out
