@@ -14,6 +14,7 @@ on later layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from .flops import ModelDims
 from .prune import Probe, PruneReport, _Prefill
 from .recipe import Recipe
 
-__all__ = ["alpha_drops", "progressive_walk", "fit_progressive"]
+__all__ = ["Refined", "alpha_drops", "fit_progressive", "progressive_walk", "refine"]
 
 
 def _prefix_len(scores: torch.Tensor, candidates: torch.Tensor, reference: torch.Tensor, alpha: float):
@@ -58,7 +59,7 @@ class _AlphaProbe(Probe):
         self.counts: list[np.ndarray] = []
 
     def begin(self, state: _Prefill) -> None:
-        self._layer_counts: list[torch.Tensor] = []
+        self._layer_counts: dict[int, torch.Tensor] = {}  # layers with no alive visual token are absent
 
     def on_scores(self, layer, state, cross, self_, candidates):
         ref_c = self.cross_mass[self.rows, layer].to(cross.device)
@@ -67,11 +68,14 @@ class _AlphaProbe(Probe):
             drop = torch.zeros_like(candidates)
         else:
             drop = alpha_drops(cross, self_, candidates, ref_c, ref_s, self.alpha)
-        self._layer_counts.append(drop.sum(1))
+        self._layer_counts[layer] = drop.sum(1)
         return drop
 
     def end(self, state: _Prefill, report: PruneReport) -> None:
-        self.counts.append(torch.stack(self._layer_counts, dim=1).cpu().numpy())
+        counts = np.zeros((state.idx.shape[0], self.cross_mass.shape[1]), dtype=np.int64)
+        for layer, c in self._layer_counts.items():
+            counts[:, layer] = c.cpu().numpy()
+        self.counts.append(counts)
 
 
 def progressive_walk(model: nn.Module, batches: Sequence, reference: CalibrationStats, alpha: float) -> np.ndarray:
@@ -111,5 +115,44 @@ def fit_progressive(
 ) -> list[FitResult]:
     """:func:`fitprune.fit.fit` with every α evaluated by a live pass (≈7 passes per budget at tol 0.01)."""
     results = fit(reference, budgets, dims, walker=lambda a: progressive_walk(model, batches, reference, a), **fit_kwargs)
-    return [r.__class__(**{**r.__dict__, "recipe": r.recipe.with_updates(
-        metadata={**r.recipe.metadata, "fit": "progressive"})}) for r in results]
+    return [replace(r, recipe=r.recipe.with_updates(metadata={**r.recipe.metadata, "fit": "progressive"}))
+            for r in results]
+
+
+@dataclass(frozen=True)
+class Refined:
+    """A recipe re-fitted on statistics collected under it, and how far it moved."""
+
+    before: FitResult
+    after: FitResult
+    moved_tokens: int  # Σ_l |Δ drop count| at the reference visual count
+    moved_fraction: float  # moved_tokens / (2 · total drops before), 0 = unchanged
+
+
+def refine(model: nn.Module, batches: Sequence, result: FitResult, dims: ModelDims, **fit_kwargs) -> Refined:
+    """Collect statistics under ``result.recipe`` and fit the same budget again on them.
+
+    Tokens the recipe dropped have no scores in the pruned pass; they count as score 0 (the walk
+    drops them first, as the recipe did), and the masses C_l, S_l are those of the pruned pass, so
+    α is a tolerance relative to the attention the pruned model really spends on visual tokens.
+    """
+    from .stats import collect_stats
+
+    recipe = result.recipe
+    pruned = collect_stats(model, batches, recipe=recipe, checkpoint=recipe.checkpoint)
+    exists = np.arange(pruned.max_visual)[None, None, :] < pruned.n_visual[:, None, None]
+    filled = CalibrationStats(
+        cross=np.where(exists, np.nan_to_num(pruned.cross, nan=0.0), np.nan),
+        self_=np.where(exists, np.nan_to_num(pruned.self_, nan=0.0), np.nan),
+        n_visual=pruned.n_visual, n_system=pruned.n_system, n_text=pruned.n_text,
+        cross_mass=pruned.cross_mass, self_mass=pruned.self_mass,
+        sample_ids=pruned.sample_ids, checkpoint=pruned.checkpoint, calib_id=pruned.calib_id, family=pruned.family,
+    )
+    fit_kwargs.setdefault("convention", recipe.flops_convention or "full")
+    fit_kwargs.setdefault("family", recipe.family)
+    after = fit(filled, [recipe.budget], dims, **fit_kwargs)[0]
+    after = replace(after, recipe=after.recipe.with_updates(metadata={**after.recipe.metadata, "fit": "refined"}))
+    n_ref = int(pruned.n_visual.max())
+    a, b = np.array(recipe.drop_counts(n_ref)), np.array(after.recipe.drop_counts(n_ref))
+    moved = int(np.abs(a - b).sum())
+    return Refined(result, after, moved, moved / max(1, 2 * int(a.sum())))
