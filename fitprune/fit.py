@@ -342,6 +342,8 @@ def fit(
     monotone: bool = True,
     progress: Callable[[int, int, FitResult], None] | None = None,
     walker: Callable[[float], np.ndarray] | None = None,
+    checkpoint: str | None = None,
+    allow_other_checkpoint: bool = False,
 ) -> list[FitResult]:
     """Fit one recipe per budget (same order as ``budgets``); deterministic.
 
@@ -373,6 +375,13 @@ def fit(
     are unknown here).
     """
     _check_inputs(stats, dims)
+    if checkpoint is not None and stats.checkpoint is not None and stats.checkpoint != checkpoint:
+        if not allow_other_checkpoint:
+            raise ValueError(
+                f"statistics were collected on checkpoint {stats.checkpoint}, not {checkpoint}: re-collect them "
+                "for this checkpoint, or pass allow_other_checkpoint=True to fit them anyway"
+            )
+        warnings.warn(f"fitting statistics of checkpoint {stats.checkpoint} for {checkpoint} (explicit override)")
     budgets = [_check_budget(b) for b in budgets]
     if not budgets:
         return []

@@ -262,3 +262,25 @@ def test_random_scoring_drops_recipe_counts_and_is_seeded():
     with fitprune.apply(model, recipe.with_updates(seed=1)) as m:
         _logits(m, batch)
         assert fitprune.last_report(m).dropped != first
+
+
+@pytest.mark.parametrize("builder", ["fastv", "pyramid", "uniform", "random"])
+def test_baseline_recipes_run_through_the_same_apply_path(builder):
+    from fitprune import baselines
+
+    model, make_inputs = FACTORIES["llava"]()
+    recipe = {
+        "fastv": lambda: baselines.fastv(4, layer=2, ratio=0.5),
+        "pyramid": lambda: baselines.pyramid(4, keep=0.5),
+        "uniform": lambda: baselines.uniform(4, ratio=0.5),
+        "random": lambda: baselines.random_recipe(baselines.uniform(4, ratio=0.5), seed=3),
+    }[builder]()
+    batch = make_inputs([(3, "img", 4), (5, "img", 2)])
+    with fitprune.apply(model, recipe) as m:
+        logits = _logits(m, batch)
+        report = fitprune.last_report(m)
+    counts = recipe.drop_counts(36)
+    assert sum(counts) > 0
+    for b in range(2):
+        assert [len(d) for d in report.dropped[b]] == counts
+    assert torch.isfinite(logits[torch.from_numpy(report.kept)]).all()

@@ -82,3 +82,14 @@ def test_refine_refits_on_pruned_statistics(setup):
     moved = np.abs(np.array(first.recipe.drop_counts(N_VISUAL)) - np.array(refined.after.recipe.drop_counts(N_VISUAL))).sum()
     assert refined.moved_tokens == moved
     assert 0.5 - 1e-6 <= measured_reduction(model, batches, refined.after.recipe, dims) <= 0.51
+
+
+def test_statistics_of_another_checkpoint_need_an_override(setup):
+    _, _, stats, dims = setup
+    stats = stats.subset(range(stats.num_samples))
+    stats.checkpoint = "fp-aaaa"
+    with pytest.raises(ValueError, match="re-collect"):
+        fit(stats, [0.5], dims, checkpoint="fp-bbbb")
+    with pytest.warns(UserWarning, match="override"):
+        assert fit(stats, [0.5], dims, checkpoint="fp-bbbb", allow_other_checkpoint=True)[0].feasible
+    assert fit(stats, [0.5], dims, checkpoint="fp-aaaa")[0].feasible
