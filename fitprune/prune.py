@@ -173,6 +173,13 @@ def _decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, input_len: int, q
     return torch.cat([old, m[..., input_len:]], dim=-1)
 
 
+def cache_of(mapping) -> object | None:
+    """The KV cache in forward kwargs or outputs: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    get = mapping.get if isinstance(mapping, dict) else (lambda name: getattr(mapping, name, None))
+    cache = get("cache")
+    return cache if cache is not None else get("past_key_values")
+
+
 def _replace_output(output, hidden: torch.Tensor):
     if isinstance(output, tuple):
         return (hidden, *output[1:])
@@ -241,7 +248,7 @@ class Pruner:
         self.prefill = None
         self.decoding = None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             session = self.session
             if session is not None and session.cache() is cache:
@@ -279,7 +286,7 @@ class Pruner:
         self.last_report = self._report(state)
         if self.probe is not None:
             self.probe.end(state, self.last_report)
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_of(output)
         if cache is not None and state.version > 0:
             self.session = _Session(
                 cache=weakref.ref(cache),
@@ -329,7 +336,7 @@ class Pruner:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         q_len = hidden.shape[1]
         mask = kwargs.get("attention_mask")
-        kv_len = mask.shape[-1] if mask is not None else kwargs["past_key_values"].get_seq_length(0)
+        kv_len = mask.shape[-1] if mask is not None else cache_of(kwargs).get_seq_length(0)
         kwargs["attention_mask"] = _decode_mask(mask, idx, valid, session.input_len, q_len, kv_len)
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None

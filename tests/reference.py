@@ -80,7 +80,7 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
                 cos, sin = lm.rotary_emb(hidden, pid)
                 mask = torch.full((n, n), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)[None, None]
                 out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
-                            past_key_values=None, use_cache=False)
+                            use_cache=False)
                 hidden = out[0] if isinstance(out, tuple) else out
                 if record is not None:
                     record.append(_cross_self(weights[i][0], pos, visual, last_visual))

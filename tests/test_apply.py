@@ -13,6 +13,7 @@ from tiny_models import FACTORIES, FAMILIES, IMAGE_ID, IMAGES, VIDEO_ID
 
 import fitprune
 from fitprune import Recipe, RecipeError
+from fitprune.prune import cache_of
 
 VISUAL_IDS = (IMAGE_ID, VIDEO_ID)
 TOL = 1e-5
@@ -149,7 +150,7 @@ def test_kv_cache_lengths_follow_recipe(family_model):
         out = _generate(m, batch)
     length = batch["input_ids"].shape[1]
     generated = out.sequences.shape[1] - length
-    cache = out.past_key_values
+    cache = cache_of(out)
     for layer in range(recipe.num_layers):
         expected = length - sum(counts[:layer]) + generated - 1
         assert cache.layers[layer].keys.shape[-2] == expected

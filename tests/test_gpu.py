@@ -9,6 +9,7 @@ from tiny_models import FACTORIES, FAMILIES, IMAGE_ID, IMAGES, VIDEO_ID
 
 import fitprune
 from fitprune import Recipe
+from fitprune.prune import cache_of
 
 pytestmark = pytest.mark.gpu
 
@@ -45,4 +46,4 @@ def test_bf16_generate_runs_and_shortens_cache():
     with fitprune.apply(model, recipe) as m:
         out = m.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     length = batch["input_ids"].shape[1]
-    assert out.past_key_values.layers[2].keys.shape[-2] == length - 18 + 3
+    assert cache_of(out).layers[2].keys.shape[-2] == length - 18 + 3
