@@ -1,8 +1,10 @@
 """The sweep: calibrate → fit a budget grid per method → evaluate → Pareto front.
 
-Plain Python for now (``fitprune sweep`` runs it in-process); the Prefect flow and tasks of the
-pipeline issue wrap these same steps. Every step reads and writes the store (Parquet + DuckDB);
-statistics are keyed by checkpoint fingerprint and calibration id and reused when present.
+``run_sweep`` (what ``fitprune sweep`` runs) executes the steps in-process, no Prefect server
+needed; ``flows.sweep_flow`` runs the very same composition (``compose``) with each step as a
+Prefect task. The steps themselves are plain functions over plain data in ``tasks.steps``. Every
+step reads and writes the store (Parquet + DuckDB); statistics are keyed by checkpoint
+fingerprint and calibration id and reused when present.
 """
 
 from __future__ import annotations
@@ -13,21 +15,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-import torch
+from tasks import steps as plain_steps
+from tasks.steps import (  # noqa: F401  (re-exported: the sweep's building blocks)
+    METHODS,
+    calibration_stats,
+    evaluate,
+    method_recipes,
+    recipe_id,
+)
 
-import fitprune
-from fitprune import Recipe
-from fitprune.adapters import get_adapter
-from fitprune.baselines import fastv, for_budget, random_recipe
-from fitprune.calibration import CalibrationStats
-from fitprune.fingerprint import fingerprint
-from fitprune.fit import fit
-from fitprune.flops import ModelDims, prefill_flops
-from fitprune.stats import collect_stats
-from storage import catalog, store
-
-METHODS = ("fitprune", "fastv", "random")
+BENCHMARK = "demo-agreement"
 
 
 @dataclass
@@ -43,164 +40,81 @@ class SweepConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        bad = [b for b in self.budgets if not 0.0 < b < 1.0]
+        self.budgets = tuple(self.budgets)
+        self.methods = tuple(self.methods)
+        if not self.budgets:
+            raise ValueError("budgets is empty; pass at least one FLOPs fraction in (0, 1), e.g. [0.3, 0.5]")
+        bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b < 1.0]
         if bad:
             raise ValueError(f"budgets must lie in (0, 1) (fractions of prefill FLOPs to remove); got {bad}")
+        if not self.methods:
+            raise ValueError(f"methods is empty; pass one or more of {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
         for name in ("n_calib", "n_eval", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _versions() -> dict:
-    import transformers
+def compose(config: SweepConfig, spec: dict, steps=plain_steps, benchmark: str = BENCHMARK) -> dict:
+    """The sweep wired from ``steps`` (plain functions, or the Prefect tasks of ``tasks.sweep``).
 
-    return {"fitprune": fitprune.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def calibration_stats(model, batches, checkpoint: str, calib_id: str, root) -> CalibrationStats:
-    """Statistics of the calibration set: read from the store when present, else collected and written."""
-    key = {"checkpoint": checkpoint, "calib_id": calib_id}
-    tokens = store.read_table("stats_token", root, filters=key)
-    if tokens.num_rows:
-        _log(f"statistics: reusing {checkpoint}/{calib_id} from the store")
-        layers = store.read_table("stats_layer", root, filters=key)
-        return CalibrationStats.from_arrow(tokens, layers, checkpoint=checkpoint, calib_id=calib_id)
-    n = sum(len(b["sample_ids"]) for b in batches)
-    stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib_id,
-                          progress=lambda k, done=[0]: (done.__setitem__(0, done[0] + k),
-                                                        _log(f"statistics: {done[0]}/{n} samples")))
-    tokens, layers = stats.to_arrow()
-    write_id = f"{checkpoint}-{calib_id}"
-    store.write_rows("stats_layer", layers, root=root, write_id=write_id, partition=key)
-    store.write_rows("stats_token", tokens, root=root, write_id=write_id, partition=key)  # written last: marks done
-    return stats
-
-
-def method_recipes(method: str, stats: CalibrationStats, budgets, dims, family, checkpoint, convention, fitted):
-    """One recipe per budget for ``method``; FastV and random are matched to the same FLOPs."""
-    n_visual = int(round(float(np.mean(stats.n_visual))))
-    n_other = int(round(float(np.mean(stats.n_system + stats.n_text))))
-    recipes = []
-    for budget in budgets:
-        if method == "fitprune":
-            recipe = fitted[budget].recipe
-        elif method == "fastv":
-            recipe = for_budget(lambda r: fastv(dims.num_layers, layer=2, ratio=r, family=family), dims, budget,
-                                n_visual, n_other, convention=convention)
-        else:
-            recipe = random_recipe(fitted[budget].recipe, seed=0)
-        recipes.append(recipe.with_updates(checkpoint=checkpoint, budget=budget, flops_convention=convention))
-    return recipes
-
-
-def recipe_id(recipe: Recipe) -> str:
-    import hashlib
-
-    return "r-" + hashlib.sha256(recipe.to_json().encode()).hexdigest()[:16]
-
-
-def evaluate(model, batches, recipe: Recipe | None, reference: list[torch.Tensor], dims) -> dict:
-    """Next-token agreement with the unpruned model and FLOPs measured from executed token counts."""
-    start = time.perf_counter()
-    agree, total, flops_pruned, flops_full = 0, 0, 0.0, 0.0
-    L = dims.num_layers
-    for batch, ref in zip(batches, reference):
-        inputs = {k: v for k, v in batch.items() if k != "sample_ids"}
-        if recipe is None:
-            with torch.no_grad():
-                logits = model(**inputs).logits[:, -1]
-            per_sample = [prefill_flops(dims, [int(n)] * L) for n in inputs["attention_mask"].sum(1)]
-            pruned = per_sample
-        else:
-            with fitprune.apply(model, recipe):
-                with torch.no_grad():
-                    logits = model(**inputs).logits[:, -1]
-                report = fitprune.last_report(model)
-            pruned = report.flops(dims, "full").tolist()
-            per_sample = [prefill_flops(dims, [int(n)] * L) for n in report.attn_tokens[:, 0]]
-        agree += int((logits.argmax(-1) == ref).sum())
-        total += len(ref)
-        flops_pruned += sum(pruned)
-        flops_full += sum(per_sample)
-    return {
-        "metric": agree / total,
-        "n_samples": total,
-        "flops_reduction": 1.0 - flops_pruned / flops_full,
-        "prefill_flops": flops_pruned / total,
-        "wall_s": time.perf_counter() - start,
-    }
-
-
-def run_sweep(config: SweepConfig | None = None, model=None, calib_batches=None, eval_batches=None,
-              benchmark: str = "demo-agreement") -> dict:
-    """Run the whole sweep; returns {"run_id", "pareto" (Arrow table), "rows"}."""
-    from flows import demo
-
-    config = config or SweepConfig()
+    Only paths, ids, recipe JSON and small dicts pass between steps. Returns
+    ``{"run_id", "checkpoint", "rows", "recipes", "pareto_rows"}``.
+    """
+    spec = plain_steps.normalize_spec(spec)
     run_id = "run-" + uuid.uuid4().hex[:12]
-    root = config.root
     started = time.time()
-    if model is None:
-        _log("model: interim demo (seeded random-weight tiny LLaVA, synthetic images) — agreement, not accuracy")
-        model = demo.demo_model(config.seed)
-        calib_batches = demo.demo_batches(config.n_calib, config.batch_size, config.seed, "calib")
-        eval_batches = demo.demo_batches(config.n_eval, config.batch_size, config.seed + 1, "eval")
-    adapter = get_adapter(model)
-    dims = ModelDims.from_config(adapter.text_config(model))
-    checkpoint = fingerprint(model)
-    calib_id = f"demo-{config.n_calib}-s{config.seed}"
-    _log(f"checkpoint {checkpoint}; calibration {calib_id}; budgets {list(config.budgets)}; "
+    root = config.root
+    _log(plain_steps.describe_model(spec))
+    info = steps.model_info(spec)
+    checkpoint = info["checkpoint"]
+    calib = steps.calibration_set(config.n_calib, config.seed, "calib")
+    eval_set = steps.calibration_set(config.n_eval, config.seed + 1, "eval")
+    _log(f"checkpoint {checkpoint}; calibration {calib['id']}; budgets {list(config.budgets)}; "
          f"methods {list(config.methods)}; {config.n_eval} evaluation samples")
+    stats_ref = steps.collect_statistics(spec, calib, checkpoint, config.batch_size, root)
+    grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root)
 
-    stats = calibration_stats(model, calib_batches, checkpoint, calib_id, root)
-    t0 = time.perf_counter()
-    fitted = {r.recipe.budget: r for r in fit(stats, list(config.budgets), dims, convention=config.convention,
-                                              family=adapter.family)}
-    fitted = {b: fitted[b] for b in config.budgets}
-    _log(f"fit: {len(fitted)} budgets in {time.perf_counter() - t0:.2f}s")
-
-    with torch.no_grad():
-        reference = [model(**{k: v for k, v in b.items() if k != "sample_ids"}).logits[:, -1].argmax(-1)
-                     for b in eval_batches]
-    versions = _versions()
-    recipe_rows, eval_rows = [], []
-    base = evaluate(model, eval_batches, None, reference, dims)
-    eval_rows.append(dict(run_id=run_id, recipe_id="none", checkpoint=checkpoint, method="none",
-                          benchmark=benchmark, n_failed=0, metric_name="agreement",
-                          shard=f"0-{base['n_samples']}", versions=versions, **base))
+    vers = plain_steps.versions()
+    base = steps.evaluate_recipe(spec, info, eval_set, None, config.batch_size)
+    eval_rows = [plain_steps.eval_row(base, run_id, "none", checkpoint, "none", benchmark, vers)]
+    recipe_rows = []
     for method in config.methods:
-        for recipe in method_recipes(method, stats, config.budgets, dims, adapter.family, checkpoint,
-                                     config.convention, fitted):
-            rid = recipe_id(recipe)
-            res = evaluate(model, eval_batches, recipe, reference, dims)
+        for recipe_json in grid[method]:
+            recipe = plain_steps.Recipe.from_dict(json.loads(recipe_json))
+            res = steps.evaluate_recipe(spec, info, eval_set, recipe_json, config.batch_size)
             _log(f"{method:9s} budget {recipe.budget:.2f}: measured FLOPs −{res['flops_reduction']:.3f}, "
                  f"agreement {res['metric']:.3f} ({res['n_samples']} samples)")
-            recipe_rows.append(dict(
-                recipe_id=rid, checkpoint=checkpoint, family=adapter.family, method=method, scoring=recipe.scoring,
-                budget=recipe.budget, flops_convention=config.convention, alpha=recipe.metadata.get("alpha"),
-                predicted_reduction=float(recipe.metadata.get("predicted_reduction", recipe.budget)),
-                drop_fractions=list(recipe.drop_fractions), recipe_json=recipe.to_json(), run_id=run_id,
-            ))
-            eval_rows.append(dict(run_id=run_id, recipe_id=rid, checkpoint=checkpoint, method=method,
-                                  benchmark=benchmark, n_failed=0, metric_name="agreement",
-                                  shard=f"0-{res['n_samples']}", versions=versions, **res))
-    store.write_rows("recipes", recipe_rows, root=root, write_id=run_id)
-    store.write_rows("evaluations", eval_rows, root=root, write_id=run_id)
-    store.write_rows("runs", [dict(run_id=run_id, flow="sweep", parameters=asdict(config), status="completed",
-                                   started_at=_ts(started), ended_at=_ts(time.time()), versions=versions)],
-                     root=root, write_id=run_id)
-    front = catalog.pareto(root, checkpoint=checkpoint, benchmark=benchmark)
-    return {"run_id": run_id, "pareto": front, "rows": eval_rows, "checkpoint": checkpoint}
+            row = plain_steps.recipe_row(recipe, method, info["family"], run_id, config.convention)
+            recipe_rows.append(row)
+            eval_rows.append(plain_steps.eval_row(res, run_id, row["recipe_id"], checkpoint, method, benchmark, vers))
+    parameters = {**asdict(config), "model": spec}
+    steps.write_results(run_id, recipe_rows, eval_rows, parameters, started, root)
+    front = steps.pareto_rows(root, checkpoint, benchmark)
+    return {"run_id": run_id, "checkpoint": checkpoint, "rows": eval_rows, "recipes": recipe_rows,
+            "pareto_rows": front}
 
 
-def _ts(t: float):
-    from datetime import datetime, timezone
+def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, benchmark: str = BENCHMARK) -> dict:
+    """Run the whole sweep in-process; returns {"run_id", "checkpoint", "pareto" (Arrow table), "rows", ...}.
 
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    ``spec`` picks the model (``tasks.steps`` docstring); default: the interim demo model.
+    """
+    from storage import catalog
+
+    config = config or SweepConfig()
+    spec = spec or {"kind": "demo", "seed": config.seed}
+    result = compose(config, spec, plain_steps, benchmark)
+    result["pareto"] = catalog.pareto(config.root, checkpoint=result["checkpoint"], benchmark=benchmark)
+    return result
+
+
+__all__ = ["SweepConfig", "compose", "run_sweep", "calibration_stats", "method_recipes", "evaluate", "recipe_id",
+           "BENCHMARK", "METHODS"]

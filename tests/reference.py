@@ -58,6 +58,8 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
         position_ids = torch.arange(length, device=hidden.device)[None]
     elif position_ids.dim() == 3 and position_ids.shape[0] == 4:  # text positions prepended (Qwen2-VL)
         position_ids = position_ids[1:]
+    if "Qwen" in type(lm).__name__ and position_ids.dim() == 2:  # M-RoPE wants (3, B, L)
+        position_ids = position_ids[None].expand(3, -1, -1)
     ids = inputs["input_ids"][0]
     visual = torch.isin(ids, torch.tensor(visual_ids, device=ids.device)).cpu()
     vis_positions = torch.where(visual)[0]

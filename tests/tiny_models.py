@@ -130,9 +130,10 @@ def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
 
     def n_features(size) -> int:
         tiles = image_size_to_num_patches(size, pinpoints, 16)
-        pv = torch.zeros(1, tiles, 3, 16, 16)
+        device = model.device
+        pv = torch.zeros(1, tiles, 3, 16, 16, device=device)
         with torch.no_grad():
-            feats = model.model.get_image_features(pixel_values=pv, image_sizes=torch.tensor([size]))
+            feats = model.model.get_image_features(pixel_values=pv, image_sizes=torch.tensor([size], device=device))
         feats = getattr(feats, "pooler_output", feats)
         return int(sum(f.shape[0] for f in feats)), tiles
 

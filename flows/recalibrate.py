@@ -1,0 +1,83 @@
+"""Re-calibration: run the sweep for every checkpoint in a watched directory that has no recipes yet.
+
+Deployment ``fitprune-recalibrate/recalibrate`` (prefect.yaml): on a daily cron schedule, and on a
+custom ``fitprune.checkpoint.created`` event. A checkpoint is a subdirectory holding
+``config.json`` and weights; it is keyed by ``fitprune.fingerprint.fingerprint(path)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.sweep import METHODS
+from flows.sweep_flow import sweep
+
+
+WATCH_ENV = "FITPRUNE_WATCH_DIR"
+
+
+def watch_dir_for(watch_dir: str | None, data_root: str | None) -> str:
+    """``watch_dir``, else ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``."""
+    import os
+
+    from storage.root import data_root as resolve_root
+
+    return str(watch_dir or os.environ.get(WATCH_ENV) or resolve_root(data_root) / "checkpoints")
+
+
+def find_checkpoints(watch_dir: str) -> list[str]:
+    """Subdirectories of ``watch_dir`` (sorted) that hold a ``config.json``."""
+    root = Path(watch_dir)
+    if not root.is_dir():
+        raise ValueError(f"watch_dir {watch_dir!r} is not a directory; pass the folder new checkpoints land in")
+    return [str(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+
+
+def checkpoints_without_recipes(paths: list[str], data_root: str | None) -> list[dict]:
+    """``[{"path", "checkpoint"}]`` for the paths whose fingerprint has no row in the store's ``recipes``."""
+    from fitprune.fingerprint import fingerprint
+    from storage import store
+
+    known = set(store.read_table("recipes", data_root).column("checkpoint").to_pylist())
+    out = []
+    for path in paths:
+        fp = fingerprint(path)
+        if fp not in known:
+            out.append({"path": path, "checkpoint": fp})
+    return out
+
+
+@task(name="scan-checkpoints", retries=2, cache_policy=NO_CACHE)
+def scan(watch_dir: str, data_root: str | None) -> list[dict]:
+    return checkpoints_without_recipes(find_checkpoints(watch_dir), data_root)
+
+
+@flow(name="fitprune-recalibrate", log_prints=True)
+def recalibrate(
+    watch_dir: str | None = None,
+    calib_samples: int = 32,
+    eval_samples: int = 64,
+    budgets: list[float] = [0.3, 0.5, 0.7],  # noqa: B006
+    methods: list[str] = list(METHODS),  # noqa: B006
+    batch_size: int = 16,
+    device: str = "cpu",
+    data_root: str | None = None,
+) -> list[dict]:
+    """Sweep (as a subflow) each checkpoint under ``watch_dir`` whose fingerprint has no recipes.
+
+    ``watch_dir``: default ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``.
+    """
+    logger = get_run_logger()
+    watch_dir = watch_dir_for(watch_dir, data_root)
+    todo = scan(watch_dir, data_root)
+    logger.info(f"{len(todo)} checkpoint(s) under {watch_dir} without recipes")
+    done = []
+    for item in todo:
+        result = sweep(checkpoint={"kind": "path", "path": item["path"]}, calib_samples=calib_samples,
+                       eval_samples=eval_samples, budgets=budgets, methods=methods, batch_size=batch_size,
+                       device=device, data_root=data_root)
+        done.append({"path": item["path"], "checkpoint": result["checkpoint"], "run_id": result["run_id"]})
+    return done

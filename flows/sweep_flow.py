@@ -1,0 +1,65 @@
+"""The sweep as a Prefect flow. Deployment name: ``fitprune/sweep`` (flow ``fitprune``, deployment ``sweep``).
+
+Same composition as ``fitprune sweep`` (``flows.sweep.compose``), with each step a task of
+``tasks.sweep``; then the Pareto front is published as artifacts. Parameters are validated up
+front (``SweepConfig`` and the model spec) so a bad value fails the run before any model loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.sweep import BENCHMARK, METHODS, SweepConfig, compose
+from tasks import steps
+from tasks import sweep as sweep_tasks
+
+
+def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device, data_root, seed,
+             convention="full") -> tuple[SweepConfig, dict]:
+    """(config, model spec) from the flow's parameters; ValueError saying what is wrong otherwise."""
+    config = SweepConfig(budgets=tuple(budgets), methods=tuple(methods), n_calib=calib_samples, n_eval=eval_samples,
+                         batch_size=batch_size, seed=seed, root=data_root, convention=convention)
+    spec = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if isinstance(spec, dict) and device and "device" not in spec:
+        spec["device"] = device
+    elif isinstance(spec, str):
+        spec = {"kind": "path", "path": spec, "device": device}
+    return config, steps.normalize_spec(spec)
+
+
+@flow(name="fitprune", log_prints=True, validate_parameters=True)
+def sweep(
+    checkpoint: dict[str, Any] | str = {"kind": "demo", "seed": 0},  # noqa: B006 (shown as the UI default)
+    calib_samples: int = 32,
+    eval_samples: int = 64,
+    budgets: list[float] = [0.3, 0.5, 0.7],  # noqa: B006
+    methods: list[str] = list(METHODS),  # noqa: B006
+    batch_size: int = 16,
+    device: str = "cpu",
+    data_root: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Calibrate → fit a budget grid per method → evaluate each recipe → Pareto front → artifacts.
+
+    ``checkpoint``: a model spec, ``{"kind": "demo", "seed": 0}`` or ``{"kind": "path", "path": DIR}``
+    (a bare string is a path). ``data_root``: default ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``.
+    Returns the run id, checkpoint fingerprint and Pareto rows.
+    """
+    from storage.root import data_root as resolve_root
+
+    config, spec = validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device,
+                            data_root, seed)
+    config.root = str(resolve_root(config.root))  # resolved once, here, so every task writes the same place
+    logger = get_run_logger()
+    logger.info(f"model {spec}; data root {config.root}")
+    result = compose(config, spec, sweep_tasks, BENCHMARK)
+    sweep_tasks.publish_artifacts(result, str(Path(config.root) / "reports"))
+    logger.info(f"run {result['run_id']}: {len(result['pareto_rows'])} Pareto-front rows for {result['checkpoint']}")
+    return {"run_id": result["run_id"], "checkpoint": result["checkpoint"], "pareto_rows": result["pareto_rows"]}
+
+
+if __name__ == "__main__":
+    sweep()

@@ -1,0 +1,100 @@
+"""The pipeline's plain functions without a server, and the flows under one session-scoped
+``prefect_test_harness`` (a temporary local server): the sweep flow, and re-calibration running
+it as a subflow for a new local checkpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from flows import demo
+from flows.sweep import SweepConfig, compose
+from flows.sweep_flow import validate
+from tasks import steps
+from tasks.report import markdown_report, plot_front
+
+TINY = dict(calib_samples=4, eval_samples=4, budgets=[0.5], methods=["fitprune", "fastv"], batch_size=4)
+
+
+def test_steps_compose_without_prefect(tmp_path):
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune", "random"), n_calib=4, n_eval=4, batch_size=4,
+                         root=str(tmp_path))
+    result = compose(config, {"kind": "demo", "seed": 0})
+    assert {r["method"] for r in result["rows"]} == {"none", "fitprune", "random"}
+    assert result["pareto_rows"] and all(r["checkpoint"] == result["checkpoint"] for r in result["pareto_rows"])
+    json.dumps(result)  # only plain data crosses step boundaries
+    md = markdown_report(result)
+    assert "## Pareto front" in md and result["run_id"] in md
+    png = plot_front(result, str(tmp_path / "reports"))  # None without matplotlib
+    assert png is None or png.endswith(".png")
+    again = steps.collect_statistics({"kind": "demo"}, steps.calibration_set(4, 0), result["checkpoint"], 4, tmp_path)
+    assert again["reused"] is True
+
+
+def test_parameters_are_validated_with_clear_messages(tmp_path):
+    args = dict(checkpoint={"kind": "demo", "seed": 0}, calib_samples=4, eval_samples=4, budgets=[0.5],
+                methods=["fitprune"], batch_size=4, device="cpu", data_root=str(tmp_path), seed=0)
+    config, spec = validate(**args)
+    assert config.budgets == (0.5,) and spec == {"kind": "demo", "seed": 0, "device": "cpu"}
+    for change, message in [
+        (dict(budgets=[1.5]), "budgets must lie in (0, 1)"),
+        (dict(budgets=[]), "budgets is empty"),
+        (dict(methods=["magic"]), "unknown method"),
+        (dict(calib_samples=0), "calib must be a positive integer"),
+        (dict(checkpoint={"kind": "hub"}), "kind 'hub' is not known"),
+        (dict(checkpoint={"kind": "path", "path": str(tmp_path / "nope")}), "not a checkpoint directory"),
+        (dict(checkpoint={"kind": "demo", "sede": 1}), "unknown key"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate(**{**args, **change})
+
+
+def test_tasks_wrap_the_plain_steps():
+    from tasks import sweep as sweep_tasks
+
+    assert sweep_tasks.collect_statistics.fn is steps.collect_statistics
+    assert "gpu" in sweep_tasks.collect_statistics.tags and "gpu" in sweep_tasks.evaluate_recipe.tags
+    assert sweep_tasks.fit_budgets.name == "fit-budget-grid"
+
+
+def test_recalibrate_finds_new_checkpoints(tmp_path):
+    from flows.recalibrate import checkpoints_without_recipes, find_checkpoints
+
+    watch = tmp_path / "watch"
+    (watch / "not-a-checkpoint").mkdir(parents=True)
+    demo.demo_model(0).save_pretrained(watch / "ckpt-a")
+    paths = find_checkpoints(str(watch))
+    assert paths == [str(watch / "ckpt-a")]
+    todo = checkpoints_without_recipes(paths, str(tmp_path / "data"))
+    assert [t["path"] for t in todo] == paths and todo[0]["checkpoint"].startswith("fp-")
+    with pytest.raises(ValueError, match="not a directory"):
+        find_checkpoints(str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.mark.slow
+def test_flows_in_a_test_harness(harness, tmp_path):
+    from flows.recalibrate import recalibrate
+    from flows.sweep_flow import sweep
+    from storage import catalog
+
+    data = str(tmp_path / "data")
+    result = sweep(**TINY, data_root=data)
+    assert result["pareto_rows"]
+
+    watch = tmp_path / "watch"
+    demo.demo_model(1).save_pretrained(watch / "ckpt-b")  # a "new checkpoint" on disk
+    done = recalibrate(watch_dir=str(watch), data_root=data, **TINY)
+    assert [d["path"] for d in done] == [str(watch / "ckpt-b")]
+    checkpoints = catalog.query("SELECT DISTINCT checkpoint FROM recipes", root=data).column("checkpoint").to_pylist()
+    assert sorted(checkpoints) == sorted([result["checkpoint"], done[0]["checkpoint"]])
+    assert recalibrate(watch_dir=str(watch), data_root=data, **TINY) == []  # nothing new: nothing run
