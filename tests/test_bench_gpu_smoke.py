@@ -1,0 +1,77 @@
+"""Smoke test of the GPU speed benchmark (scripts/bench_gpu.py) in its --tiny mode, on the CPU.
+
+The numbers mean nothing here; the test checks that every part runs end to end and that the rows
+carry what the benchmark promises (ratios against the unpruned model, FLOPs ratios, all metrics).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--geometries", "llava-1.5-7b",
+           "--batches", "1", "--budgets", "60", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def _rows(data, label, metric):
+    return [r for r in data["rows"] if r["label"] == label and r["metric"] == metric]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_measures_every_part(tiny_run):
+    stdout, data = tiny_run
+    assert not data["errors"]
+    assert "== llava-1.5-7b  batch 1" in stdout and "collect_stats on this batch" in stdout
+    for key in ("gpu", "torch", "transformers", "date"):
+        assert data["meta"][key] and all(r[key] == data["meta"][key] for r in data["rows"])
+    labels = {r["label"] for r in data["rows"]}
+    assert labels == {"unpruned", "fitprune@60", "fastv@60", "fitprune@60/random", "fastv@60/random", "collect_stats"}
+
+    (base,) = _rows(data, "unpruned", "prefill_ms")
+    assert base["ratio_vs_unpruned"] == pytest.approx(1.0) and base["flops_ratio"] == 1.0
+    for budget in (60,):
+        (fit,) = _rows(data, f"fitprune@{budget}", "prefill_ms")
+        (fv,) = _rows(data, f"fastv@{budget}", "prefill_ms")
+        assert 0 < fit["flops_ratio"] < 1 and fit["ratio_vs_unpruned"] > 0
+        assert fv["flops_ratio"] == pytest.approx(fit["flops_ratio"], abs=0.01)  # FastV at the same FLOPs
+        (kv,) = _rows(data, f"fitprune@{budget}", "kv_cache_bytes")
+        assert 0 < kv["ratio_vs_unpruned"] < 1
+        for metric in ("lm_prefill_ms", "decode_tok_s", "scoring_share_synced", "scoring_share_vs_random",
+                       "flops_reduction_full", "flops_reduction_paper", "prefill_cold_ms"):
+            assert _rows(data, f"fitprune@{budget}", metric), metric
+    (stats,) = _rows(data, "collect_stats", "stats_ms")
+    assert stats["value"] > 0 and stats["ratio_vs_unpruned"] > 0
+
+
+@pytest.mark.slow
+def test_rows_also_write_as_parquet(tiny_run, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop(spec.name, None)
+    _, data = tiny_run
+    path = tmp_path / "bench.parquet"
+    bench.write_rows(path, data["rows"], data["meta"], data["errors"])
+    table = pq.read_table(path)
+    assert table.num_rows == len(data["rows"])
+    assert {"gpu", "geometry", "batch", "method", "budget", "metric", "value", "ratio_vs_unpruned",
+            "flops_ratio"} <= set(table.column_names)
