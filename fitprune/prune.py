@@ -22,7 +22,7 @@ Decoding attends to each layer's shortened cache through re-sliced masks.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from .recipe import Recipe
 __all__ = ["Probe", "Pruner", "PruneReport"]
 
 
-@dataclass
 class PruneReport:
     """What the last pruned prefill really executed (numpy arrays, one row per sample).
 
@@ -44,15 +43,30 @@ class PruneReport:
     ``mlp_tokens[b, l]`` tokens its MLP ran on (= those left after its pruning);
     ``attn_visual`` / ``mlp_visual`` the visual part of those; ``kept[b, p]`` whether input
     position p survived every layer; ``dropped[b][l]`` original positions dropped after layer l.
+    The counts are bookkept on the host; ``kept`` and ``dropped`` are copied from the device only
+    when read, so the forward itself never waits for them.
     """
 
-    attn_tokens: np.ndarray
-    mlp_tokens: np.ndarray
-    attn_visual: np.ndarray
-    mlp_visual: np.ndarray
-    n_visual: np.ndarray
-    kept: np.ndarray
-    dropped: list[list[list[int]]] = field(repr=False)
+    def __init__(self, attn_tokens, mlp_tokens, attn_visual, mlp_visual, kept_fn, dropped_fn):
+        self.attn_tokens = np.asarray(attn_tokens, dtype=np.int64)
+        self.mlp_tokens = np.asarray(mlp_tokens, dtype=np.int64)
+        self.attn_visual = np.asarray(attn_visual, dtype=np.int64)
+        self.mlp_visual = np.asarray(mlp_visual, dtype=np.int64)
+        self.n_visual = self.attn_visual[:, 0].copy()
+        self._kept_fn, self._dropped_fn = kept_fn, dropped_fn
+        self._kept = self._dropped = None
+
+    @property
+    def kept(self) -> np.ndarray:
+        if self._kept is None:
+            self._kept = self._kept_fn()
+        return self._kept
+
+    @property
+    def dropped(self) -> list[list[list[int]]]:
+        if self._dropped is None:
+            self._dropped = self._dropped_fn()
+        return self._dropped
 
     def flops(self, dims, convention: str = "full") -> np.ndarray:
         """Per-sample prefill cost from the executed counts (``fitprune.flops`` conventions)."""
@@ -66,34 +80,63 @@ class PruneReport:
             [prefill_flops(dims, a.tolist(), m.tolist(), convention=convention) for a, m in zip(attn, mlp)]
         )
 
+    def __repr__(self) -> str:
+        return f"PruneReport(samples={len(self.n_visual)}, n_visual={self.n_visual.tolist()})"
+
 
 class _Prefill:
-    """Per-forward state of a pruned prefill, in compressed coordinates (B, Lc)."""
+    """Per-forward state of a pruned prefill, in compressed coordinates (B, Lc).
 
-    def __init__(self, input_len: int, visual: torch.Tensor, real: torch.Tensor, drops: torch.Tensor):
+    Token counts are kept on the host (lists, one entry per sample) next to the device tensors, so
+    lengths, row ranges and "anything to do?" checks never wait for the GPU. They are exact: the
+    recipe fixes how many tokens each sample drops, and a probe's data-dependent drops are counted
+    once per layer.
+    """
+
+    def __init__(self, input_len: int, visual: torch.Tensor, real: torch.Tensor, drops: list[list[int]]):
         bsz = visual.shape[0]
         device = visual.device
+        positions = torch.arange(input_len, device=device)
         self.input_len = input_len
-        self.idx = torch.arange(input_len, device=device).expand(bsz, -1)  # original position of each slot
+        self.idx = positions.expand(bsz, -1)  # original position of each slot
         self.valid = torch.ones_like(visual)  # False on slots that only pad a ragged batch
         self.visual = visual
         self.real = real  # False on the model's own padding tokens
-        last_visual = torch.where(visual, torch.arange(input_len, device=device), -1).amax(1)
-        self.text = real & (torch.arange(input_len, device=device)[None, :] > last_visual[:, None])
-        self.drops = drops  # (B, num_layers) tokens to drop per sample after each layer
+        last_visual = torch.where(visual, positions, -1).amax(1)
+        first_visual = torch.where(visual, positions, input_len).amin(1)
+        self.text = real & (positions[None, :] > last_visual[:, None])
+        host = torch.stack([visual.sum(1), real.sum(1), first_visual]).tolist()  # the one sync of a prefill
+        self.alive_visual: list[int] = host[0]  # per sample, alive visual tokens
+        self.alive_real: list[int] = host[1]  # per sample, alive non-padding tokens
+        self.first_visual: list[int] = host[2]  # original position of the first visual token
+        self.slots: list[int] = [input_len] * bsz  # per sample, valid slots (all tokens incl. model padding)
+        self.drops = drops  # [b][layer] tokens the recipe drops after each layer
         self.version = 0  # how many pruning layers have run so far
         self.layer_version: list[int] = []  # version each layer saw (decode re-slices with it)
-        self.versions: list[tuple[torch.Tensor, torch.Tensor]] = [(self.idx, self.valid)]
-        self.pending: dict[int, torch.Tensor] = {}  # layer -> (B, Lc) drop mask from its attention
+        self.versions: list[tuple[torch.Tensor, torch.Tensor, bool]] = [(self.idx, self.valid, True)]
+        self.pending: dict[int, tuple[torch.Tensor, list[int]]] = {}  # layer -> (drop mask, counts)
         self.selection: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (sel, new_valid)
         self.resliced: dict[tuple[int, int], object] = {}
-        self.counts: dict[str, list[torch.Tensor]] = {"attn": [], "attn_vis": []}  # one entry per layer
-        self.after_drop: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # pruning layer -> MLP counts
+        self.attn_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) entering
+        self.mlp_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) after drop
         self.dropped_positions: dict[int, torch.Tensor] = {}  # pruning layer -> (B, Lc) original idx or -1
 
-    def alive_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        alive = self.valid & self.real
-        return alive.sum(1), (alive & self.visual).sum(1)
+    @property
+    def width(self) -> int:
+        return max(self.slots)
+
+    @property
+    def all_valid(self) -> bool:
+        return min(self.slots) == self.width
+
+    def recipe_drops(self, layer: int) -> list[int]:
+        """Tokens each sample really drops after ``layer`` under the recipe (never more than alive)."""
+        return [min(d[layer], a) for d, a in zip(self.drops, self.alive_visual)]
+
+    def first_candidate_row(self) -> int:
+        """A slot index no later than any sample's first alive visual slot (system rows come first)."""
+        width = self.width
+        return min(width - n + f for n, f in zip(self.slots, self.first_visual) if f < self.input_len)
 
 
 @dataclass
@@ -102,7 +145,7 @@ class _Session:
 
     cache: weakref.ref
     input_len: int
-    versions: list[tuple[torch.Tensor, torch.Tensor]]
+    versions: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (idx, valid, all slots valid)
     layer_version: list[int]
 
 
@@ -134,14 +177,14 @@ def _mask_fill(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
 
 
-def _prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor):
+def _prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool):
     """Re-slice a prefill attention mask to the alive slots (rows and columns)."""
     bsz, lc = idx.shape
     device = idx.device
+    if mask is None and all_valid:
+        return None  # still plain causal in compressed order: SDPA keeps is_causal
     eye = torch.eye(lc, dtype=torch.bool, device=device)[None]
     if mask is None:
-        if bool(valid.all()):
-            return None  # still plain causal in compressed order: SDPA keeps is_causal
         allowed = torch.tril(torch.ones(lc, lc, dtype=torch.bool, device=device))[None] & valid[:, None, :]
         return (allowed | (eye & ~valid[:, :, None]))[:, None]
     if mask.dim() == 2:  # FlashAttention: (B, L) padding mask
@@ -153,13 +196,14 @@ def _prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor):
     return m[:, None]
 
 
-def _decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, input_len: int, q_len: int, kv_len: int):
+def _decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool, input_len: int, q_len: int,
+                 kv_len: int):
     """Mask for a decode step at a layer whose prefill cache holds only the slots ``idx``."""
     bsz, lc = idx.shape
     device = idx.device
     n_new = kv_len - input_len
     if mask is None:
-        if bool(valid.all()):
+        if all_valid:
             return None
         old = valid[:, None, :].expand(bsz, q_len, lc)
         rows = torch.arange(q_len, device=device)[:, None] + (n_new - q_len)
@@ -207,6 +251,7 @@ class Pruner:
         self.decoding: _Session | None = None
         self.last_report: PruneReport | None = None
         self._handles: list = []
+        self._step_masks: dict = {}
         self._observed: list[nn.Module] = []
 
     # ------------------------------------------------------------------ install / remove
@@ -247,6 +292,7 @@ class Pruner:
     def _on_model_start(self, module, args, kwargs):
         self.prefill = None
         self.decoding = None
+        self._step_masks = {}
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_of(kwargs)
         if cache is not None and cache.get_seq_length() > 0:
@@ -270,11 +316,11 @@ class Pruner:
         if input_ids.shape[1] < 2:
             return None
         visual = self.adapter.visual_mask(self.model, input_ids)
-        n_visual = visual.sum(1).tolist()
         mask2d = kwargs.get("attention_mask")
         real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
-        drops = torch.tensor([self._drops_for(n) for n in n_visual], device=input_ids.device)
-        self.prefill = _Prefill(input_ids.shape[1], visual, real, drops)
+        state = _Prefill(input_ids.shape[1], visual, real, [])
+        state.drops = [self._drops_for(n) for n in state.alive_visual]
+        self.prefill = state
         if self.probe is not None:
             self.probe.begin(self.prefill)
         return None
@@ -302,9 +348,7 @@ class Pruner:
             state = self.prefill
             if state is not None:
                 state.layer_version.append(state.version)
-                alive, alive_vis = state.alive_counts()
-                state.counts["attn"].append(alive)
-                state.counts["attn_vis"].append(alive_vis)
+                state.attn_counts.append((list(state.alive_real), list(state.alive_visual)))
                 if state.version == 0:
                     return None
                 return args, self._reslice_prefill(state, kwargs)
@@ -322,7 +366,7 @@ class Pruner:
             key = (id(value), state.version)
             if key not in state.resliced:
                 if name == "attention_mask":
-                    state.resliced[key] = _prefill_mask(value, state.idx, state.valid)
+                    state.resliced[key] = _prefill_mask(value, state.idx, state.valid, state.all_valid)
                 else:
                     state.resliced[key] = None if value is None else tuple(_gather_seq(t, state.idx) for t in value)
             kwargs[name] = state.resliced[key]
@@ -332,12 +376,16 @@ class Pruner:
 
     def _reslice_decode(self, session: _Session, i: int, args, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
-        idx, valid = session.versions[session.layer_version[i]]
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        q_len = hidden.shape[1]
+        version = session.layer_version[i]
         mask = kwargs.get("attention_mask")
-        kv_len = mask.shape[-1] if mask is not None else cache_of(kwargs).get_seq_length(0)
-        kwargs["attention_mask"] = _decode_mask(mask, idx, valid, session.input_len, q_len, kv_len)
+        key = (version, id(mask))  # layers of one version share the re-sliced mask within a step
+        if key not in self._step_masks:
+            idx, valid, all_valid = session.versions[version]
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            q_len = hidden.shape[1]
+            kv_len = mask.shape[-1] if mask is not None else cache_of(kwargs).get_seq_length(0)
+            self._step_masks[key] = _decode_mask(mask, idx, valid, all_valid, session.input_len, q_len, kv_len)
+        kwargs["attention_mask"] = self._step_masks[key]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None
         return kwargs
@@ -345,44 +393,45 @@ class Pruner:
     def _attention_observer(self, i: int):
         def observe(module, query, key, mask, scaling):
             state = self.prefill
-            if state is None or query.shape[2] < 2:
+            if state is None or query.shape[2] < 2 or not any(state.alive_visual):
                 return
-            candidates = state.visual & state.valid
-            if not bool(candidates.any()):
-                return
-            k = state.drops[:, i]
-            by_recipe = bool((k > 0).any())
+            counts = state.recipe_drops(i)
+            by_recipe = any(counts)
             rule = self.recipe.scoring
+            candidates = state.visual & state.valid
             cs = None
             if self.probe is not None or (by_recipe and rule == "fitprune"):
                 cs = self._cross_self(state, query, key, mask, scaling, candidates)
             drop = self.probe.on_scores(i, state, *cs, candidates) if self.probe is not None else None
-            if drop is None and by_recipe:
+            if drop is not None:
+                counts = drop.sum(1).tolist()  # data-dependent drops: count them (probes only)
+            elif by_recipe:
                 if rule == "fitprune":
                     scores = cs[0] * cs[1]
                 elif rule == "fastv":
                     scores = scoring.fastv_scores(query, key, mask, scaling)
                 else:
                     scores = scoring.random_scores(tuple(candidates.shape), self.recipe.seed, i, query.device)
+                k = torch.tensor(counts, device=query.device)
                 drop = scoring.select_drops(scores, candidates, k)
-            if drop is not None and bool(drop.any()):
-                state.pending[i] = drop
+            if drop is not None and any(counts):
+                state.pending[i] = (drop, counts)
 
         return observe
 
     @staticmethod
     def _cross_self(state: _Prefill, query, key, mask, scaling, candidates):
         """FitPrune's c and s (B, Lc) for the alive visual slots (0 elsewhere before row_start)."""
-        first = int(torch.where(candidates.any(0))[0].min())  # system rows are neither T nor V
+        first = state.first_candidate_row()  # system rows are neither T nor V
         probs = scoring.head_max_probs(query, key, mask, scaling, row_start=first)
         return scoring.cross_self(probs, state.text[:, first:] & state.valid[:, first:], candidates[:, first:])
 
     def _selection(self, state: _Prefill, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
         if i not in state.selection:
-            keep = state.valid & ~state.pending[i]
-            n_keep = keep.sum(1)
-            new_len = int(n_keep.max())
+            drop, counts = state.pending[i]
+            keep = state.valid & ~drop
+            new_len = max(n - k for n, k in zip(state.slots, counts))
             order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # dropped first, order kept
             sel = order[:, keep.shape[1] - new_len :]
             state.selection[i] = (sel, keep.gather(1, sel))
@@ -417,8 +466,8 @@ class Pruner:
                 return None
             if i not in state.pending:
                 return None
-            drop = state.pending.pop(i)
             sel, new_valid = self._selection(state, i)
+            drop, counts = state.pending.pop(i)
             state.dropped_positions[i] = torch.where(drop, state.idx, -1)
             hidden = output[0] if isinstance(output, tuple) else output
             hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -427,10 +476,12 @@ class Pruner:
             state.text = state.text.gather(1, sel)
             state.real = state.real.gather(1, sel)
             state.valid = new_valid
+            state.slots = [n - k for n, k in zip(state.slots, counts)]
+            state.alive_visual = [n - k for n, k in zip(state.alive_visual, counts)]
+            state.alive_real = [n - k for n, k in zip(state.alive_real, counts)]
             state.version += 1
-            state.versions.append((state.idx, state.valid))
+            state.versions.append((state.idx, state.valid, state.all_valid))
             state.selection.pop(i)
-            state.after_drop[i] = state.alive_counts()
             return _replace_output(output, hidden)
 
         return hook
@@ -446,26 +497,24 @@ class Pruner:
 
     # ------------------------------------------------------------------ report
     def _report(self, state: _Prefill) -> PruneReport:
-        attn, attn_vis = state.counts["attn"], state.counts["attn_vis"]
-        mlp = [state.after_drop.get(i, (attn[i], attn_vis[i])) for i in range(len(attn))]
+        n_layers = len(state.attn_counts)
+        attn_real = np.array([c[0] for c in state.attn_counts]).T  # (B, L)
+        attn_vis = np.array([c[1] for c in state.attn_counts]).T
+        # tokens left after a layer's pruning = tokens entering the next; after the last: alive now
+        mlp_real = np.concatenate([attn_real[:, 1:], np.array(state.alive_real)[:, None]], axis=1)[:, :n_layers]
+        mlp_vis = np.concatenate([attn_vis[:, 1:], np.array(state.alive_visual)[:, None]], axis=1)[:, :n_layers]
+        idx, valid, positions = state.idx, state.valid, dict(state.dropped_positions)
+        bsz, length, num_layers = idx.shape[0], state.input_len, len(self.layers)
 
-        def stack(columns):
-            return torch.stack(columns, dim=1).cpu().numpy()
+        def kept() -> np.ndarray:
+            out = torch.zeros(bsz, length, dtype=torch.bool, device=idx.device)
+            return out.scatter_(1, idx, valid).cpu().numpy()
 
-        bsz = state.idx.shape[0]
-        kept = torch.zeros(bsz, state.input_len, dtype=torch.bool, device=state.idx.device)
-        kept.scatter_(1, state.idx, state.valid)
-        dropped = [[[] for _ in self.layers] for _ in range(bsz)]
-        for layer, positions in state.dropped_positions.items():
-            for b, row in enumerate(positions.cpu().tolist()):
-                dropped[b][layer] = sorted(p for p in row if p >= 0)
-        attn_visual = stack(attn_vis)
-        return PruneReport(
-            attn_tokens=stack(attn),
-            mlp_tokens=stack([m[0] for m in mlp]),
-            attn_visual=attn_visual,
-            mlp_visual=stack([m[1] for m in mlp]),
-            n_visual=attn_visual[:, 0].copy(),
-            kept=kept.cpu().numpy(),
-            dropped=dropped,
-        )
+        def dropped() -> list[list[list[int]]]:
+            out = [[[] for _ in range(num_layers)] for _ in range(bsz)]
+            for layer, pos in positions.items():
+                for b, row in enumerate(pos.cpu().tolist()):
+                    out[b][layer] = sorted(p for p in row if p >= 0)
+            return out
+
+        return PruneReport(attn_real, mlp_real, attn_vis, mlp_vis, kept, dropped)

@@ -16,8 +16,8 @@ import torch
 
 __all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops"]
 
-# Work memory for one head chunk of attention probabilities (float32 elements).
-_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# Work memory for one head chunk of attention probabilities (float32 elements, 512 MiB).
+CHUNK_ELEMENTS = 128 * 1024 * 1024
 
 
 def _allowed_bias(mask: torch.Tensor | None, row_start: int, q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -57,14 +57,16 @@ def head_max_probs(
     groups = n_heads // n_kv
     rows = q_len - row_start
     bias = _allowed_bias(mask, row_start, q_len, kv_len, query.device)
-    chunk = max(1, min(n_heads, _CHUNK_ELEMENTS // max(1, bsz * rows * kv_len)))
+    chunk = max(1, min(n_heads, CHUNK_ELEMENTS // max(1, bsz * rows * kv_len)))
     out = None
     for h0 in range(0, n_heads, chunk):
         h1 = min(n_heads, h0 + chunk)
-        q = query[:, h0:h1, row_start:].float()  # (B, h, R, hd)
+        q = query[:, h0:h1, row_start:]  # (B, h, R, hd)
         kv_heads = torch.arange(h0, h1, device=query.device) // groups
-        k = key.index_select(1, kv_heads).float()  # (B, h, Lkv, hd)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * scaling + bias[:, None], dim=-1)  # (B, h, R, Lkv)
+        k = key.index_select(1, kv_heads)  # (B, h, Lkv, hd)
+        # q·kᵀ in the model's dtype (tensor cores for bf16/fp16), softmax in float32
+        logits = (q @ k.transpose(-1, -2)).float()
+        probs = torch.softmax(logits * scaling + bias[:, None], dim=-1)  # (B, h, R, Lkv)
         if reduce == "max":
             part = probs.amax(dim=1)
             out = part if out is None else torch.maximum(out, part)
