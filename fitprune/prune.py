@@ -93,7 +93,7 @@ class _Prefill:
     once per layer.
     """
 
-    def __init__(self, input_len: int, visual: torch.Tensor, real: torch.Tensor, drops: list[list[int]]):
+    def __init__(self, input_len: int, visual: torch.Tensor, real: torch.Tensor, drops_for):
         bsz = visual.shape[0]
         device = visual.device
         positions = torch.arange(input_len, device=device)
@@ -110,7 +110,7 @@ class _Prefill:
         self.alive_real: list[int] = host[1]  # per sample, alive non-padding tokens
         self.first_visual: list[int] = host[2]  # original position of the first visual token
         self.slots: list[int] = [input_len] * bsz  # per sample, valid slots (all tokens incl. model padding)
-        self.drops = drops  # [b][layer] tokens the recipe drops after each layer
+        self.drops = [drops_for(n) for n in self.alive_visual]  # [b][layer] the recipe's drops after each layer
         self.version = 0  # how many pruning layers have run so far
         self.layer_version: list[int] = []  # version each layer saw (decode re-slices with it)
         self.versions: list[tuple[torch.Tensor, torch.Tensor, bool]] = [(self.idx, self.valid, True)]
@@ -318,9 +318,7 @@ class Pruner:
         visual = self.adapter.visual_mask(self.model, input_ids)
         mask2d = kwargs.get("attention_mask")
         real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
-        state = _Prefill(input_ids.shape[1], visual, real, [])
-        state.drops = [self._drops_for(n) for n in state.alive_visual]
-        self.prefill = state
+        self.prefill = _Prefill(input_ids.shape[1], visual, real, self._drops_for)
         if self.probe is not None:
             self.probe.begin(self.prefill)
         return None
