@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fitprune sql ... | head`: the reader left; stay quiet like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"fitprune {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILED
