@@ -37,24 +37,30 @@ class _StatsProbe(Probe):
         visual = state.visual
         self._rank = visual.long().cumsum(1) - 1  # original position -> visual index
         self._n_vis = int(visual.sum(1).max())
-        self._cross: list[np.ndarray] = []
-        self._self: list[np.ndarray] = []
+        self._bsz = visual.shape[0]
+        self._cross: dict[int, np.ndarray] = {}  # layer -> (B, V); layers with no alive visual token are absent
+        self._self: dict[int, np.ndarray] = {}
 
     def on_scores(self, layer, state, cross, self_, candidates):
         rank = self._rank.gather(1, state.idx).masked_fill(~candidates, self._n_vis)  # dummy column for the rest
         for values, out in ((cross, self._cross), (self_, self._self)):
             dense = torch.full((rank.shape[0], self._n_vis + 1), float("nan"), device=rank.device)
             dense.scatter_(1, rank, values.float())
-            out.append(dense[:, :-1].cpu().numpy())
+            out[layer] = dense[:, :-1].cpu().numpy()
         return None
 
     def end(self, state: _Prefill, report: PruneReport) -> None:
-        if len(self._cross) != self.num_layers:
+        if not self._cross:
             return  # a forward without visual tokens: nothing to record
+        gone = np.full((self._bsz, self._n_vis), np.nan, dtype=np.float32)  # every visual token dropped
+
+        def stack(per_layer):
+            return np.stack([per_layer.get(layer, gone) for layer in range(self.num_layers)], axis=1)
+
         self.batches.append(
             {
-                "cross": np.stack(self._cross, axis=1),  # (B, L, V)
-                "self": np.stack(self._self, axis=1),
+                "cross": stack(self._cross),  # (B, L, V)
+                "self": stack(self._self),
                 "n_alive": report.attn_visual.copy(),  # (B, L)
             }
         )
