@@ -1,6 +1,6 @@
 """The ``fitprune`` command line. Library errors become messages and exit codes here, nowhere else.
 
-    fitprune sweep [--budgets 0.3,0.5,0.7] [--methods fitprune,fastv,random] [--data-root DIR] ...
+    fitprune [--data-root DIR] sweep [--budgets 0.3,0.5,0.7] [--methods fitprune,fastv,random] [--shard-size 64] ...
     fitprune pareto [--checkpoint FP] [--benchmark NAME]
     fitprune sql "SELECT ..."
     fitprune presets
@@ -31,8 +31,9 @@ def _cmd_sweep(args) -> int:
     from storage.catalog import format_table
 
     config = SweepConfig(budgets=args.budgets, methods=args.methods, n_calib=args.calib_samples,
-                         n_eval=args.eval_samples, batch_size=args.batch_size, seed=args.seed, root=args.data_root)
-    result = run_sweep(config)
+                         n_eval=args.eval_samples, batch_size=args.batch_size, seed=args.seed, root=args.data_root,
+                         shard_size=args.shard_size, source=args.source)
+    result = run_sweep(config, progress=True)  # progress on stderr; stdout keeps the result table
     print(f"run {result['run_id']} — Pareto front (checkpoint {result['checkpoint']}):")
     print(format_table(result["pareto"].select(
         ["method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples"])))
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--eval-samples", type=int, default=64)
     sweep.add_argument("--batch-size", type=int, default=16)
     sweep.add_argument("--seed", type=int, default=0)
+    sweep.add_argument("--shard-size", type=int, default=64,
+                       help="samples per statistics/evaluation shard; finished shards are reused on a re-run (default 64)")
+    sweep.add_argument("--source", default="demo-synthetic",
+                       help="sample source: 'demo' (synthetic inputs, default) or 'hf:/path/to/dataset' "
+                            "(a local Hugging Face datasets directory or file of processed inputs; needs `datasets`)")
     sweep.set_defaults(func=_cmd_sweep)
 
     pareto = sub.add_parser("pareto", help="print the Pareto-best recipes per checkpoint and benchmark")

@@ -40,11 +40,15 @@ def demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
-def demo_batches(n_samples: int, batch_size: int, seed: int, prefix: str) -> list[dict]:
-    """Deterministic synthetic samples, ``batch_size`` per batch, named ``<prefix>-<i>``."""
+def demo_batches(n_samples: int, batch_size: int, seed: int, prefix: str, start: int = 0) -> list[dict]:
+    """Deterministic synthetic samples ``start .. n_samples - 1``, ``batch_size`` per batch, named ``<prefix>-<i>``.
+
+    Each sample depends only on ``seed`` and its index, so any sample range (a shard) is the same
+    as in the whole set.
+    """
     n_visual = (IMAGE_SIZE // PATCH) ** 2
     batches = []
-    for start in range(0, n_samples, batch_size):
+    for start in range(start, n_samples, batch_size):
         ids, pixels, names = [], [], []
         for i in range(start, min(n_samples, start + batch_size)):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + i)

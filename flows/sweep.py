@@ -4,7 +4,8 @@
 needed; ``flows.sweep_flow`` runs the very same composition (``compose``) with each step as a
 Prefect task. The steps themselves are plain functions over plain data in ``tasks.steps``. Every
 step reads and writes the store (Parquet + DuckDB); statistics are keyed by checkpoint
-fingerprint and calibration id and reused when present.
+fingerprint and calibration id and written per shard of samples, so a re-run reuses what is
+there and collects only the missing shards.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class SweepConfig:
     batch_size: int = 16
     seed: int = 0
     root: str | None = None
+    shard_size: int = 64
+    source: str = "demo-synthetic"
     convention: str = "full"
     extra: dict = field(default_factory=dict)
 
@@ -52,7 +55,8 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-        for name in ("n_calib", "n_eval", "batch_size"):
+        plain_steps._source_of(self.source)  # raises on an unknown source
+        for name in ("n_calib", "n_eval", "batch_size", "shard_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -62,11 +66,60 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def compose(config: SweepConfig, spec: dict, steps=plain_steps, benchmark: str = BENCHMARK) -> dict:
+class Progress:
+    """Progress of a long step on stderr: a tqdm bar on a terminal (if tqdm is installed), else one
+    line per unit. ``note`` prints a line either way (through the bar, so it is not broken)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.done, self.enabled, self.bar = total, desc, 0, enabled, None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="shard", leave=True)
+
+    def update(self, detail: str = "") -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(detail)
+        elif self.enabled:
+            _log(f"{self.desc}: {self.done}/{self.total} {detail}".rstrip())
+
+    def note(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            _log(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_all(task, calls: list[dict]):
+    """Run ``task`` once per kwargs dict; yields results in order. Prefect tasks are submitted all at
+    once (separate task runs a task runner may spread), plain functions run one after another."""
+    if hasattr(task, "submit"):
+        futures = [task.submit(**kw) for kw in calls]
+        for future in futures:
+            yield future.result()
+    else:
+        for kw in calls:
+            yield task(**kw)
+
+
+def compose(config: SweepConfig, spec: dict, steps=plain_steps, benchmark: str = BENCHMARK,
+            progress: bool = False) -> dict:
     """The sweep wired from ``steps`` (plain functions, or the Prefect tasks of ``tasks.sweep``).
 
-    Only paths, ids, recipe JSON and small dicts pass between steps. Returns
-    ``{"run_id", "checkpoint", "rows", "recipes", "pareto_rows"}``.
+    Statistics and evaluation run per shard of ``config.shard_size`` samples; statistics shards
+    already in the store are skipped (an interrupted sweep resumes), evaluation shards write one
+    row each. Only paths, ids, recipe JSON and small dicts pass between steps. ``progress``: a
+    progress line (or bar) per shard on stderr. Returns
+    ``{"run_id", "checkpoint", "rows", "recipes", "pareto_rows"}`` (``rows``: one per recipe and shard).
     """
     spec = plain_steps.normalize_spec(spec)
     run_id = "run-" + uuid.uuid4().hex[:12]
@@ -75,34 +128,57 @@ def compose(config: SweepConfig, spec: dict, steps=plain_steps, benchmark: str =
     _log(plain_steps.describe_model(spec))
     info = steps.model_info(spec)
     checkpoint = info["checkpoint"]
-    calib = steps.calibration_set(config.n_calib, config.seed, "calib")
-    eval_set = steps.calibration_set(config.n_eval, config.seed + 1, "eval")
+    calib = steps.calibration_set(config.n_calib, config.seed, "calib", config.source, root)
+    eval_set = steps.calibration_set(config.n_eval, config.seed + 1, "eval", config.source, root)
     _log(f"checkpoint {checkpoint}; calibration {calib['id']}; budgets {list(config.budgets)}; "
-         f"methods {list(config.methods)}; {config.n_eval} evaluation samples")
-    stats_ref = steps.collect_statistics(spec, calib, checkpoint, config.batch_size, root)
+         f"methods {list(config.methods)}; {config.n_eval} evaluation samples; shards of {config.shard_size}")
+
+    shards = plain_steps.shard_ranges(calib["n"], config.shard_size)
+    bar = Progress(len(shards), "statistics", progress)
+    reused = True
+    for done in _run_all(steps.collect_stats_shard, [
+            dict(spec=spec, calib=calib, checkpoint=checkpoint, start=s, end=e, batch_size=config.batch_size,
+                 root=root) for s, e in shards]):
+        reused &= done["reused"]
+        bar.update(f"samples {done['start']}-{done['end']} " + ("reused" if done["reused"] else f"{done['seconds']:.1f}s"))
+    bar.close()
+    if reused:
+        _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
+    stats_ref = {"checkpoint": checkpoint, "calib_id": calib["id"], "n": calib["n"], "reused": reused}
     grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root)
 
-    vers = plain_steps.versions()
-    base = steps.evaluate_recipe(spec, info, eval_set, None, config.batch_size)
-    eval_rows = [plain_steps.eval_row(base, run_id, "none", checkpoint, "none", benchmark, vers)]
-    recipe_rows = []
-    for method in config.methods:
-        for recipe_json in grid[method]:
-            recipe = plain_steps.Recipe.from_dict(json.loads(recipe_json))
-            res = steps.evaluate_recipe(spec, info, eval_set, recipe_json, config.batch_size)
-            _log(f"{method:9s} budget {recipe.budget:.2f}: measured FLOPs −{res['flops_reduction']:.3f}, "
+    jobs = [("none", None)] + [(m, rj) for m in config.methods for rj in grid[m]]
+    eval_shards = plain_steps.shard_ranges(eval_set["n"], config.shard_size)
+    calls = [dict(spec=spec, info=info, eval_set=eval_set, recipe_json=rj, start=s, end=e,
+                  batch_size=config.batch_size, run_id=run_id, method=m, benchmark=benchmark, root=root)
+             for m, rj in jobs for s, e in eval_shards]
+    bar = Progress(len(calls), "evaluation", progress)
+    results = _run_all(steps.evaluate_shard, calls)
+    eval_rows, recipe_rows = [], []
+    for method, recipe_json in jobs:
+        shard_rows = []
+        for _ in eval_shards:
+            shard_rows.append(next(results))
+            bar.update(f"{method} shard {shard_rows[-1]['shard']}")
+        eval_rows += shard_rows
+        res = plain_steps.combine_shards(shard_rows)
+        if recipe_json is None:
+            bar.note(f"{'none':9s} unpruned: agreement {res['metric']:.3f} ({res['n_samples']} samples)")
+            continue
+        recipe = plain_steps.Recipe.from_dict(json.loads(recipe_json))
+        bar.note(f"{method:9s} budget {recipe.budget:.2f}: measured FLOPs −{res['flops_reduction']:.3f}, "
                  f"agreement {res['metric']:.3f} ({res['n_samples']} samples)")
-            row = plain_steps.recipe_row(recipe, method, info["family"], run_id, config.convention)
-            recipe_rows.append(row)
-            eval_rows.append(plain_steps.eval_row(res, run_id, row["recipe_id"], checkpoint, method, benchmark, vers))
+        recipe_rows.append(plain_steps.recipe_row(recipe, method, info["family"], run_id, config.convention))
+    bar.close()
     parameters = {**asdict(config), "model": spec}
-    steps.write_results(run_id, recipe_rows, eval_rows, parameters, started, root)
+    steps.write_results(run_id, recipe_rows, [], parameters, started, root)
     front = steps.pareto_rows(root, checkpoint, benchmark)
     return {"run_id": run_id, "checkpoint": checkpoint, "rows": eval_rows, "recipes": recipe_rows,
             "pareto_rows": front}
 
 
-def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, benchmark: str = BENCHMARK) -> dict:
+def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, benchmark: str = BENCHMARK,
+              progress: bool = False) -> dict:
     """Run the whole sweep in-process; returns {"run_id", "checkpoint", "pareto" (Arrow table), "rows", ...}.
 
     ``spec`` picks the model (``tasks.steps`` docstring); default: the interim demo model.
@@ -111,7 +187,7 @@ def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, bench
 
     config = config or SweepConfig()
     spec = spec or {"kind": "demo", "seed": config.seed}
-    result = compose(config, spec, plain_steps, benchmark)
+    result = compose(config, spec, plain_steps, benchmark, progress=progress)
     result["pareto"] = catalog.pareto(config.root, checkpoint=result["checkpoint"], benchmark=benchmark)
     return result
 

@@ -18,10 +18,10 @@ from tasks import sweep as sweep_tasks
 
 
 def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device, data_root, seed,
-             convention="full") -> tuple[SweepConfig, dict]:
+             convention="full", shard_size=64) -> tuple[SweepConfig, dict]:
     """(config, model spec) from the flow's parameters; ValueError saying what is wrong otherwise."""
     config = SweepConfig(budgets=tuple(budgets), methods=tuple(methods), n_calib=calib_samples, n_eval=eval_samples,
-                         batch_size=batch_size, seed=seed, root=data_root, convention=convention)
+                         batch_size=batch_size, seed=seed, root=data_root, convention=convention, shard_size=shard_size)
     spec = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if isinstance(spec, dict) and device and "device" not in spec:
         spec["device"] = device
@@ -41,17 +41,20 @@ def sweep(
     device: str = "cpu",
     data_root: str | None = None,
     seed: int = 0,
+    shard_size: int = 64,
 ) -> dict:
     """Calibrate → fit a budget grid per method → evaluate each recipe → Pareto front → artifacts.
 
     ``checkpoint``: a model spec, ``{"kind": "demo", "seed": 0}`` or ``{"kind": "path", "path": DIR}``
     (a bare string is a path). ``data_root``: default ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``.
-    Returns the run id, checkpoint fingerprint and Pareto rows.
+    ``shard_size``: samples per statistics/evaluation shard; each shard is its own task run, and
+    statistics shards already in the store are skipped. Returns the run id, checkpoint
+    fingerprint and Pareto rows.
     """
     from storage.root import data_root as resolve_root
 
     config, spec = validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device,
-                            data_root, seed)
+                            data_root, seed, shard_size=shard_size)
     config.root = str(resolve_root(config.root))  # resolved once, here, so every task writes the same place
     logger = get_run_logger()
     logger.info(f"model {spec}; data root {config.root}")

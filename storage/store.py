@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from .root import check_write_id, partition_dir, table_dir
 from .tables import Table, get_table
 
-__all__ = ["validate", "write_rows", "read_table", "list_parts", "ensure_empty", "empty_file", "clean_stale_tmp"]
+__all__ = ["validate", "write_rows", "read_table", "list_parts", "part_exists", "ensure_empty", "empty_file", "clean_stale_tmp"]
 
 STALE_TMP_S = 3600.0
 _EMPTY = "_empty.parquet"
@@ -303,6 +303,21 @@ def list_parts(table: str, root=None, partition: Mapping[str, str] | None = None
         value = partition.get(key)
         pattern += f"/{key}=" + (quote(value, safe="") if isinstance(value, str) else "*")
     return sorted(Path(p) for p in glob.glob(pattern + "/part-*.parquet"))
+
+
+def part_exists(table: str, write_id: str, root=None, partition: Mapping[str, str] | None = None) -> bool:
+    """Whether ``write_rows(table, ..., write_id=write_id, partition=partition)`` has been published.
+
+    ``partition`` must name every partition column of the table (the directory of the part).
+    """
+    check_write_id(write_id)
+    spec = get_table(table)
+    partition = dict(partition or {})
+    missing = [k for k in spec.partition_by if not partition.get(k)]
+    if missing:
+        raise ValueError(f"{spec.name}: part_exists needs the partition value(s) {missing}")
+    directory = partition_dir(table_dir(spec.name, root), {k: partition[k] for k in spec.partition_by})
+    return (directory / f"part-{write_id}.parquet").exists()
 
 
 def _filter_expr(spec: Table, filters: Mapping[str, Any]) -> ds.Expression | None:

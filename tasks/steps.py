@@ -11,9 +11,14 @@ Model specs::
     {"kind": "demo", "seed": 0}                 the interim demo model (flows/demo.py)
     {"kind": "path", "path": "/ckpt/llava"}     a local Hugging Face checkpoint directory
 
-optionally with ``"device"`` (default ``"cpu"``). Samples come from a calibration-set
-description ``{"source": "demo-synthetic", "n": 32, "seed": 0, "split": "calib"}``; the synthetic
-demo inputs are the only source until real data lands (issue "Embedded default and evaluation").
+optionally with ``"device"`` (default ``"cpu"``). Samples come from a sample-set description
+``{"source": "demo-synthetic", "n": 32, "seed": 0, "split": "calib", "id": ..., "content_hash": ...}``
+made (and recorded in the store's ``calibration_sets``) by ``calibration_set``. Sources:
+``"demo-synthetic"`` (alias ``"demo"``; the interim synthetic inputs until real data lands, issue
+"Embedded default and evaluation") and ``"hf:<path>"`` (a local ``datasets`` directory or file of
+processed inputs; needs the optional ``datasets`` package). Statistics and evaluation run per
+shard (a sample range): ``collect_stats_shard`` skips shards already stored, ``evaluate_shard``
+writes one row per (run, recipe, shard).
 """
 
 from __future__ import annotations
@@ -41,14 +46,15 @@ from storage import catalog, store
 
 __all__ = [
     "METHODS", "MODEL_KINDS", "SOURCES", "normalize_spec", "describe_model", "load_model", "model_info", "calibration_set",
-    "load_samples", "calibration_stats", "collect_statistics", "fit_budgets", "method_recipes",
+    "load_samples", "shard_ranges", "content_hash", "record_calibration_set", "calibration_stats",
+    "collect_stats_shard", "collect_statistics", "evaluate_shard", "combine_shards", "fit_budgets", "method_recipes",
     "method_recipe_jsons", "recipe_id", "evaluate", "evaluate_recipe", "recipe_row", "eval_row",
     "write_results", "pareto_rows", "versions",
 ]
 
 METHODS = ("fitprune", "fastv", "random")
 MODEL_KINDS = ("demo", "path")
-SOURCES = ("demo-synthetic",)
+SOURCES = ("demo-synthetic", "hf:<path>")  # "demo" is an alias of "demo-synthetic"
 
 _MODELS: dict[str, torch.nn.Module] = {}
 _REFERENCE: dict[str, list[torch.Tensor]] = {}
@@ -169,26 +175,181 @@ def _dims(info: dict) -> ModelDims:
 
 
 # --- data ------------------------------------------------------------------------------------
+#
+# A sample source is a string: "demo-synthetic" (alias "demo"; the interim synthetic inputs) or
+# "hf:<path>" (a local Hugging Face ``datasets`` directory saved with ``save_to_disk``, or a
+# .parquet/.json/.jsonl/.csv/.arrow file, holding already-processed model inputs: ``input_ids``,
+# ``pixel_values`` and optionally ``attention_mask``/``image_sizes``/``id``). Each source
+# provides ``_load_range(desc, start, end, batch_size)``: samples ``start..end-1`` of the set in
+# calibration order, so shards load only their own samples. Add a source in ``_source_of`` and
+# ``_load_range``.
 
 
-def calibration_set(n: int, seed: int, split: str = "calib", source: str = "demo-synthetic") -> dict:
-    """Describe a sample set: which samples, from which source, with its id (a content key)."""
-    if source not in SOURCES:
-        raise ValueError(f"sample source {source!r} is not known; available: {', '.join(SOURCES)}")
-    if split == "calib":
-        calib_id = f"demo-{n}-s{seed}"  # the id the store already holds for demo statistics
+def _source_of(source: str) -> tuple[str, str | None]:
+    """(kind, path) of a source string; ValueError naming the accepted forms otherwise."""
+    if source in ("demo", "demo-synthetic"):
+        return "demo", None
+    if isinstance(source, str) and source.startswith("hf:") and source[3:].strip():
+        from pathlib import Path
+
+        return "hf", str(Path(source[3:].strip()).expanduser().resolve())
+    raise ValueError(f"sample source {source!r} is not known; use 'demo' (synthetic inputs) or "
+                     "'hf:/path/to/dataset' (a local Hugging Face datasets directory or file)")
+
+
+def _safe(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
+
+
+def _describe(n: int, seed: int, split: str, source: str) -> dict:
+    """The set's description; its id is derived from (source, split, n, seed) only."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"a sample set needs a positive integer sample count, got {n!r}")
+    kind, path = _source_of(source)
+    if kind == "demo":
+        source = "demo-synthetic"
+        # "demo-<n>-s<seed>" is the id the store already holds for demo calibration statistics
+        calib_id = f"demo-{n}-s{seed}" if split == "calib" else f"demo-synthetic-{_safe(split)}-{n}-s{seed}"
     else:
-        calib_id = f"{source}-{split}-{n}-s{seed}"
+        source = "hf:" + path
+        calib_id = f"hf-{hashlib.sha256(path.encode()).hexdigest()[:12]}-{_safe(split)}-{n}-s{seed}"
     return {"source": source, "split": split, "n": int(n), "seed": int(seed), "id": calib_id}
 
 
-def load_samples(sample_set: dict, batch_size: int, device: str = "cpu") -> list[dict]:
-    from flows import demo
+def calibration_set(n: int, seed: int, split: str = "calib", source: str = "demo-synthetic", root=None,
+                    record: bool = True) -> dict:
+    """Describe a sample set and (``record``) record it in the store's ``calibration_sets``.
 
-    batches = demo.demo_batches(sample_set["n"], batch_size, sample_set["seed"], sample_set["split"])
+    Returns ``{"source", "split", "n", "seed", "id", "content_hash"}``. The row is written once
+    per (id, content): a re-run finds it; a source whose content changed under the same id is an
+    error, since statistics keyed by that id would be stale.
+    """
+    desc = _describe(n, seed, split, source)
+    if record:
+        desc["content_hash"] = record_calibration_set(desc, root)
+    return desc
+
+
+def content_hash(desc: dict, batch_size: int = 16) -> tuple[str, list[str]]:
+    """SHA-256 over the samples' ids and input bytes (input_ids, pixel tensors), in order; and the ids."""
+    h = hashlib.sha256()
+    ids: list[str] = []
+    for start in range(0, desc["n"], max(batch_size, 1) * 4):
+        for batch in _load_range(desc, start, min(desc["n"], start + max(batch_size, 1) * 4), batch_size):
+            mask = batch.get("attention_mask")
+            pixel_keys = sorted(k for k in batch if k.startswith("pixel") and torch.is_tensor(batch[k]))
+            for i, sid in enumerate(batch["sample_ids"]):
+                ids.append(str(sid))
+                h.update(str(sid).encode() + b"\0")
+                tokens = batch["input_ids"][i]
+                if mask is not None:
+                    tokens = tokens[mask[i].bool()]
+                h.update(tokens.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+                for k in pixel_keys:
+                    h.update(k.encode() + batch[k][i].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest(), ids
+
+
+def record_calibration_set(desc: dict, root) -> str:
+    """Write the set's ``calibration_sets`` row (idempotent) and return its content hash."""
+    digest, ids = content_hash(desc)
+    known = store.read_table("calibration_sets", root, filters={"calib_id": desc["id"]})
+    hashes = set(known.column("content_hash").to_pylist())
+    if hashes and digest not in hashes:
+        raise ValueError(
+            f"sample set {desc['id']} ({desc['source']}, split {desc['split']}) has changed: content hash "
+            f"{digest[:16]}… but the store recorded {sorted(h[:16] for h in hashes)}; statistics under this id "
+            "would be stale. Use another seed or sample count, or delete the old set's rows and statistics"
+        )
+    if not hashes:
+        store.write_rows("calibration_sets", [dict(calib_id=desc["id"], source=desc["source"], split=desc["split"],
+                                                    n_samples=desc["n"], seed=desc["seed"], content_hash=digest,
+                                                    sample_ids=ids)],
+                         root=root, write_id=f"{desc['id']}-{digest[:16]}")
+    return digest
+
+
+def _load_range(desc: dict, start: int, end: int, batch_size: int) -> list[dict]:
+    kind, path = _source_of(desc["source"])
+    if not 0 <= start <= end <= desc["n"]:
+        raise ValueError(f"sample range {start}-{end} is outside the set's {desc['n']} samples")
+    if kind == "demo":
+        from flows import demo  # interim synthetic inputs; go with issue "Embedded default and evaluation"
+
+        return demo.demo_batches(end, batch_size, desc["seed"], desc["split"], start=start)
+    return _hf_range(path, desc, start, end, batch_size)
+
+
+def _hf_dataset(path: str, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"sample source 'hf:{path}' needs the Hugging Face `datasets` package, which is not "
+                         "installed here (pip install datasets); or use source 'demo'") from None
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        data = datasets.load_from_disk(str(p))
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"{path} has splits {sorted(data)}, not {split!r}")
+            data = data[split]
+    elif p.is_file():
+        formats = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+        if p.suffix not in formats:
+            raise ValueError(f"{path}: unknown data file type {p.suffix!r}; use one of {', '.join(formats)}")
+        data = datasets.load_dataset(formats[p.suffix], data_files=str(p), split="train")
+    else:
+        raise ValueError(f"sample source 'hf:{path}': no such directory or file")
+    missing = [c for c in ("input_ids", "pixel_values") if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {missing}: the 'hf:' source takes processed model inputs "
+                         f"(input_ids, pixel_values; optional attention_mask, image_sizes, id); it has {data.column_names}")
+    return data
+
+
+def _hf_range(path: str, desc: dict, start: int, end: int, batch_size: int) -> list[dict]:
+    data = _hf_dataset(path, desc["split"])
+    if desc["n"] > len(data):
+        raise ValueError(f"{path} holds {len(data)} samples; {desc['n']} asked for")
+    order = np.random.default_rng(desc["seed"]).permutation(len(data))[: desc["n"]]  # the set, in calibration order
+    rows = data.select(order[start:end].tolist()).with_format("torch")
+    batches = []
+    for first in range(0, end - start, batch_size):
+        items = [rows[i] for i in range(first, min(end - start, first + batch_size))]
+        width = max(int(it["input_ids"].shape[-1]) for it in items)
+        ids, mask = torch.zeros(len(items), width, dtype=torch.long), torch.zeros(len(items), width, dtype=torch.long)
+        for i, it in enumerate(items):  # right padding; the attention mask marks real tokens
+            n_tok = int(it["input_ids"].shape[-1])
+            ids[i, :n_tok] = it["input_ids"].reshape(-1)
+            mask[i, :n_tok] = it["attention_mask"].reshape(-1) if "attention_mask" in it else 1
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+                 "sample_ids": [str(it["id"]) if "id" in it else f"{desc['split']}-{int(order[start + first + i])}"
+                                for i, it in enumerate(items)]}
+        if "image_sizes" in items[0]:
+            batch["image_sizes"] = torch.stack([it["image_sizes"] for it in items])
+        batches.append(batch)
+    return batches
+
+
+def load_samples(sample_set: dict, batch_size: int, device: str = "cpu", start: int = 0,
+                 end: int | None = None) -> list[dict]:
+    """Samples ``start..end-1`` of the set (default: all) as model-input batches on ``device``."""
+    batches = _load_range(sample_set, start, sample_set["n"] if end is None else end, batch_size)
     if device != "cpu":
         batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     return batches
+
+
+def shard_ranges(n: int, shard_size: int) -> list[list[int]]:
+    """``[[start, end], ...]`` covering ``0..n`` in shards of ``shard_size`` samples."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    return [[s, min(n, s + shard_size)] for s in range(0, n, shard_size)]
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -202,10 +363,8 @@ def calibration_stats(model, batches, checkpoint: str, calib_id: str, root) -> C
         _log(f"statistics: reusing {checkpoint}/{calib_id} from the store")
         layers = store.read_table("stats_layer", root, filters=key)
         return CalibrationStats.from_arrow(tokens, layers, checkpoint=checkpoint, calib_id=calib_id)
-    n = sum(len(b["sample_ids"]) for b in batches)
-    stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib_id,
-                          progress=lambda k, done=[0]: (done.__setitem__(0, done[0] + k),
-                                                        _log(f"statistics: {done[0]}/{n} samples")))
+    with _LOCK:
+        stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib_id)
     tokens, layers = stats.to_arrow()
     write_id = f"{checkpoint}-{calib_id}"
     store.write_rows("stats_layer", layers, root=root, write_id=write_id, partition=key)
@@ -213,29 +372,76 @@ def calibration_stats(model, batches, checkpoint: str, calib_id: str, root) -> C
     return stats
 
 
+def stats_shard_id(checkpoint: str, calib_id: str, start: int, end: int) -> str:
+    return f"{checkpoint}-{calib_id}-{start}-{end}"
+
+
+def stats_shard_present(checkpoint: str, calib_id: str, start: int, end: int, root) -> bool:
+    """Whether the shard's token part (written last) is published, or the whole set's (older layout) is."""
+    key = {"checkpoint": checkpoint, "calib_id": calib_id}
+    return (store.part_exists("stats_token", stats_shard_id(checkpoint, calib_id, start, end), root, key)
+            or store.part_exists("stats_token", f"{checkpoint}-{calib_id}", root, key))
+
+
 def stats_present(checkpoint: str, calib_id: str, root) -> bool:
     key = {"checkpoint": checkpoint, "calib_id": calib_id}
     return store.read_table("stats_token", root, filters=key).num_rows > 0
 
 
-def collect_statistics(spec, calib: dict, checkpoint: str, batch_size: int, root) -> dict:
-    """Make sure the store holds statistics for checkpoint + calibration set; say whether they were reused."""
-    if stats_present(checkpoint, calib["id"], root):
-        _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
-        return {"checkpoint": checkpoint, "calib_id": calib["id"], "reused": True}
+def collect_stats_shard(spec, calib: dict, checkpoint: str, start: int, end: int, batch_size: int, root) -> dict:
+    """Statistics of samples ``start..end-1`` of the set, unless the store already holds that shard.
+
+    Writes ``stats_layer`` then ``stats_token`` (the marker of a finished shard) with write id
+    ``<checkpoint>-<calib_id>-<start>-<end>``: a retried or concurrent shard writes nothing twice.
+    """
+    out = {"checkpoint": checkpoint, "calib_id": calib["id"], "start": start, "end": end}
+    if stats_shard_present(checkpoint, calib["id"], start, end, root):
+        return {**out, "reused": True, "seconds": 0.0}
+    t0 = time.perf_counter()
     spec = normalize_spec(spec)
     model = load_model(spec)
-    calibration_stats(model, load_samples(calib, batch_size, spec["device"]), checkpoint, calib["id"], root)
-    return {"checkpoint": checkpoint, "calib_id": calib["id"], "reused": False}
+    batches = load_samples(calib, batch_size, spec["device"], start, end)
+    with _LOCK:  # statistics hooks are per model: one collection at a time per process
+        stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib["id"])
+    tokens, layers = stats.to_arrow()
+    key = {"checkpoint": checkpoint, "calib_id": calib["id"]}
+    write_id = stats_shard_id(checkpoint, calib["id"], start, end)
+    store.write_rows("stats_layer", layers, root=root, write_id=write_id, partition=key)
+    store.write_rows("stats_token", tokens, root=root, write_id=write_id, partition=key)  # written last: marks done
+    return {**out, "reused": False, "seconds": time.perf_counter() - t0}
 
 
-def _read_stats(checkpoint: str, calib_id: str, root) -> CalibrationStats:
+def collect_statistics(spec, calib: dict, checkpoint: str, batch_size: int, root, shard_size: int = 64) -> dict:
+    """Make sure the store holds statistics for checkpoint + calibration set, shard by shard.
+
+    Only missing shards run; says whether everything was reused.
+    """
+    done = [collect_stats_shard(spec, calib, checkpoint, s, e, batch_size, root)
+            for s, e in shard_ranges(calib["n"], shard_size)]
+    reused = all(d["reused"] for d in done)
+    if reused:
+        _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
+    return {"checkpoint": checkpoint, "calib_id": calib["id"], "n": calib["n"], "reused": reused}
+
+
+def _read_stats(checkpoint: str, calib_id: str, root, n: int | None = None) -> CalibrationStats:
+    """All shards of the set's statistics, samples in calibration order (as recorded in ``calibration_sets``)."""
     key = {"checkpoint": checkpoint, "calib_id": calib_id}
     tokens = store.read_table("stats_token", root, filters=key)
     if not tokens.num_rows:
         raise ValueError(f"no statistics in the store for {checkpoint}/{calib_id}; collect them first")
     layers = store.read_table("stats_layer", root, filters=key)
-    return CalibrationStats.from_arrow(tokens, layers, checkpoint=checkpoint, calib_id=calib_id)
+    sets = store.read_table("calibration_sets", root, filters={"calib_id": calib_id})
+    if sets.num_rows:
+        position = {s: i for i, s in enumerate(sets.column("sample_ids")[0].as_py())}
+        samples = layers.column("sample").to_pylist()
+        if all(s in position for s in samples):
+            layers = layers.take(np.argsort([position[s] for s in samples], kind="stable"))
+    stats = CalibrationStats.from_arrow(tokens, layers, checkpoint=checkpoint, calib_id=calib_id)
+    if n is not None and len(stats.sample_ids) != n:
+        raise ValueError(f"statistics for {checkpoint}/{calib_id} cover {len(stats.sample_ids)} of {n} samples; "
+                         "re-run the sweep to collect the missing shards")
+    return stats
 
 
 # --- recipes ---------------------------------------------------------------------------------
@@ -267,7 +473,7 @@ def method_recipes(method: str, stats: CalibrationStats, budgets, dims, family, 
 
 def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, root) -> dict:
     """The budget grid per method from stored statistics: ``{method: [recipe JSON, ...]}`` (budget order)."""
-    stats = _read_stats(stats_ref["checkpoint"], stats_ref["calib_id"], root)
+    stats = _read_stats(stats_ref["checkpoint"], stats_ref["calib_id"], root, stats_ref.get("n"))
     dims = _dims(info)
     budgets = list(budgets)
     fitted = _fit(stats, budgets, dims, info["family"], convention)
@@ -337,6 +543,41 @@ def evaluate_recipe(spec, info: dict, eval_set: dict, recipe_json: str | None, b
         return evaluate(model, batches, recipe, _REFERENCE[key], _dims(info))
 
 
+def evaluate_shard(spec, info: dict, eval_set: dict, recipe_json: str | None, start: int, end: int,
+                   batch_size: int, run_id: str, method: str, benchmark: str, root) -> dict:
+    """Evaluate one recipe (``None``: unpruned) on samples ``start..end-1``; write and return its row.
+
+    The ``evaluations`` row's write id is ``<run>-<recipe>-<start>-<end>``, so a retried shard
+    writes once; ``evaluation_summary`` (SQL) combines a recipe's shards.
+    """
+    spec = normalize_spec(spec)
+    model = load_model(spec)
+    batches = load_samples(eval_set, batch_size, spec["device"], start, end)
+    key = _key([spec, eval_set, batch_size, start, end])
+    with _LOCK:  # pruning hooks are per model: one evaluation at a time per process
+        if key not in _REFERENCE:
+            _REFERENCE[key] = reference_tokens(model, batches)
+        recipe = None if recipe_json is None else Recipe.from_dict(json.loads(recipe_json))
+        result = evaluate(model, batches, recipe, _REFERENCE[key], _dims(info))
+    rid = "none" if recipe is None else recipe_id(recipe)
+    row = eval_row(result, run_id, rid, info["checkpoint"], method, benchmark, versions())
+    row["shard"] = f"{start}-{end}"
+    store.write_rows("evaluations", [row], root=root, write_id=f"{run_id}-{rid}-{start}-{end}")
+    return row
+
+
+def combine_shards(rows: list[dict]) -> dict:
+    """One recipe's shard rows as one result: sample-weighted metric and FLOPs, summed samples and time."""
+    n = sum(r["n_samples"] for r in rows)
+    return {
+        "metric": sum(r["metric"] * r["n_samples"] for r in rows) / n,
+        "n_samples": n,
+        "flops_reduction": sum(r["flops_reduction"] * r["n_samples"] for r in rows) / n,
+        "prefill_flops": sum(r["prefill_flops"] * r["n_samples"] for r in rows) / n,
+        "wall_s": sum(r["wall_s"] for r in rows),
+    }
+
+
 # --- results ---------------------------------------------------------------------------------
 
 
@@ -357,14 +598,15 @@ def eval_row(result: dict, run_id: str, rid: str, checkpoint: str, method: str, 
 
 def write_results(run_id: str, recipe_rows: list[dict], eval_rows: list[dict], parameters: dict, started: float,
                   root, flow: str = "sweep") -> None:
-    """Append the run's recipes, evaluations and run row (idempotent per run id)."""
+    """Append the run's recipes, run row and any ``eval_rows`` not yet stored (idempotent per run id)."""
     from datetime import datetime, timezone
 
     def ts(t):
         return datetime.fromtimestamp(t, tz=timezone.utc)
 
     store.write_rows("recipes", recipe_rows, root=root, write_id=run_id)
-    store.write_rows("evaluations", eval_rows, root=root, write_id=run_id)
+    if eval_rows:  # rows not already written by ``evaluate_shard``
+        store.write_rows("evaluations", eval_rows, root=root, write_id=run_id)
     store.write_rows("runs", [dict(run_id=run_id, flow=flow, parameters=parameters, status="completed",
                                    started_at=ts(started), ended_at=ts(time.time()), versions=versions())],
                      root=root, write_id=run_id)

@@ -19,8 +19,13 @@ model_info = task(name="inspect-checkpoint", retries=1, tags=["gpu"], **_COMMON)
 calibration_set = task(name="sample-calibration-set", retries=2, **_COMMON)(steps.calibration_set)
 collect_statistics = task(name="collect-statistics", retries=1, retry_delay_seconds=5, tags=["gpu"],
                           **_COMMON)(steps.collect_statistics)  # idempotent: fixed write id, reuses the store
+collect_stats_shard = task(name="collect-statistics-shard", retries=1, retry_delay_seconds=5, tags=["gpu"],
+                           task_run_name="stats-{calib[id]}-{start}-{end}",
+                           **_COMMON)(steps.collect_stats_shard)  # skips a shard already in the store
 fit_budgets = task(name="fit-budget-grid", retries=1, **_COMMON)(steps.fit_budgets)
 evaluate_recipe = task(name="evaluate-recipe", retries=1, tags=["gpu"], **_COMMON)(steps.evaluate_recipe)
+evaluate_shard = task(name="evaluate-shard", retries=1, tags=["gpu"], task_run_name="eval-{method}-{start}-{end}",
+                      **_COMMON)(steps.evaluate_shard)  # write id per (run, recipe, shard)
 write_results = task(name="write-results", retries=2, retry_delay_seconds=2, **_COMMON)(steps.write_results)
 pareto_rows = task(name="select-pareto-front", retries=2, **_COMMON)(steps.pareto_rows)
 

@@ -29,7 +29,8 @@ def test_steps_compose_without_prefect(tmp_path):
     assert "## Pareto front" in md and result["run_id"] in md
     png = plot_front(result, str(tmp_path / "reports"))  # None without matplotlib
     assert png is None or png.endswith(".png")
-    again = steps.collect_statistics({"kind": "demo"}, steps.calibration_set(4, 0), result["checkpoint"], 4, tmp_path)
+    again = steps.collect_statistics({"kind": "demo"}, steps.calibration_set(4, 0, root=tmp_path), result["checkpoint"], 4,
+                                    tmp_path)
     assert again["reused"] is True
 
 
