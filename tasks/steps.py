@@ -322,10 +322,10 @@ def _hf_range(path: str, desc: dict, start: int, end: int, batch_size: int) -> l
         items = [rows[i] for i in range(first, min(end - start, first + batch_size))]
         width = max(int(it["input_ids"].shape[-1]) for it in items)
         ids, mask = torch.zeros(len(items), width, dtype=torch.long), torch.zeros(len(items), width, dtype=torch.long)
-        for i, it in enumerate(items):  # right padding; the attention mask marks real tokens
+        for i, it in enumerate(items):  # left padding (the last position is every sample's last token)
             n_tok = int(it["input_ids"].shape[-1])
-            ids[i, :n_tok] = it["input_ids"].reshape(-1)
-            mask[i, :n_tok] = it["attention_mask"].reshape(-1) if "attention_mask" in it else 1
+            ids[i, width - n_tok:] = it["input_ids"].reshape(-1)
+            mask[i, width - n_tok:] = it["attention_mask"].reshape(-1) if "attention_mask" in it else 1
         batch = {"input_ids": ids, "attention_mask": mask,
                  "pixel_values": torch.stack([it["pixel_values"] for it in items]),
                  "sample_ids": [str(it["id"]) if "id" in it else f"{desc['split']}-{int(order[start + first + i])}"
