@@ -75,6 +75,15 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_import_benchmarks(args) -> int:
+    from storage.benchmarks import import_benchmarks
+
+    for path in args.files:
+        run_id, n = import_benchmarks(path, root=args.data_root)
+        print(f"{path}: {n} rows as {run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fitprune", description="Fit and apply FitPrune visual-token pruning recipes.")
     parser.add_argument("--data-root", default=None,
@@ -104,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(func=_cmd_sql)
+
+    bench = sub.add_parser("import-benchmarks", help="load scripts/bench_gpu.py result files into the benchmarks table")
+    bench.add_argument("files", nargs="+")
+    bench.set_defaults(func=_cmd_import_benchmarks)
 
     presets = sub.add_parser("presets", help="list the published recipes and their FLOPs reduction")
     presets.set_defaults(func=_cmd_presets)
