@@ -240,7 +240,6 @@ class Pruner:
         self.probe = probe
         self.lm = adapter.language_model(model)
         self.layers = list(self.lm.layers)
-        self.visual_ids = adapter.visual_token_ids(model)
         recipe_layers = {i for i, f in enumerate(recipe.drop_fractions) if f > 0}
         probe_layers = set(range(len(self.layers))) if probe is not None else set()
         # layers whose attention is looked at, and where tokens may be dropped

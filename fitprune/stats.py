@@ -32,9 +32,21 @@ class _StatsProbe(Probe):
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.batches: list[dict] = []
+        self.counts: list[tuple] = []  # per batch (n_system, n_visual, n_text), each (B,)
+        self.names: list[str] = []  # sample ids of the batch being run
 
     def begin(self, state: _Prefill) -> None:
         visual = state.visual
+        empty = [self.names[b] for b, n in enumerate(state.alive_visual) if n == 0]
+        if empty:
+            raise ValueError(
+                f"calibration samples without visual tokens: {empty[:5]}; every calibration sample needs an image"
+            )
+        before_image = torch.arange(state.input_len, device=visual.device)[None, :] < torch.tensor(
+            state.first_visual, device=visual.device)[:, None]
+        n_system = (state.real & before_image).sum(1)
+        self.counts.append(tuple(np.array(c) for c in
+                                 torch.stack([n_system, visual.sum(1), state.text.sum(1)]).tolist()))
         self._rank = visual.long().cumsum(1) - 1  # original position -> visual index
         self._n_vis = int(visual.sum(1).max())
         self._bsz = visual.shape[0]
@@ -66,17 +78,6 @@ class _StatsProbe(Probe):
         )
 
 
-def _token_counts(input_ids: torch.Tensor, visual: torch.Tensor, real: torch.Tensor):
-    """Per sample (n_system, n_visual, n_text): real tokens before the first / after the last visual token."""
-    length = input_ids.shape[1]
-    pos = torch.arange(length, device=input_ids.device)[None]
-    first = torch.where(visual, pos, length).amin(1)
-    last = torch.where(visual, pos, -1).amax(1)
-    n_system = (real & (pos < first[:, None])).sum(1)
-    n_text = (real & (pos > last[:, None])).sum(1)
-    return n_system.cpu().numpy(), visual.sum(1).cpu().numpy(), n_text.cpu().numpy()
-
-
 def collect_stats(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -100,36 +101,25 @@ def collect_stats(
     probe = _StatsProbe(num_layers)
     tick = _progress(progress)
     ids_seen: list[str] = []
-    counts: list[tuple] = []
-    handle = attach(model, recipe, probe=probe)
+    attach(model, recipe, probe=probe)
     try:
         for batch in batches:
             batch = dict(batch)
             names = batch.pop("sample_ids", None)
-            input_ids = batch["input_ids"]
-            visual = adapter.visual_mask(model, input_ids)
-            mask = batch.get("attention_mask")
-            real = mask.bool() if mask is not None else torch.ones_like(visual)
-            n_sys, n_vis, n_txt = _token_counts(input_ids, visual, real)
+            size = batch["input_ids"].shape[0]
             start = len(ids_seen)
-            names = [str(n) for n in names] if names is not None else [str(start + i) for i in range(len(n_vis))]
-            empty = [names[i] for i, n in enumerate(n_vis) if n == 0]
-            if empty:
-                raise ValueError(
-                    f"calibration samples without visual tokens: {empty[:5]}; every calibration sample needs an image"
-                )
+            probe.names = [str(n) for n in names] if names is not None else [str(start + i) for i in range(size)]
             with torch.no_grad():
                 model(**batch, use_cache=False)
-            if len(probe.batches) != (1 + len(counts)):
+            if len(probe.batches) != len(probe.counts):
                 raise RuntimeError("statistics were not recorded for a batch; is another hook stopping the forward?")
-            ids_seen += names
-            counts.append((n_sys, n_vis, n_txt))
-            tick(len(names))
+            ids_seen += probe.names
+            tick(size)
     finally:
         remove(model)
     if not probe.batches:
         raise ValueError("the calibration set is empty: collect_stats needs at least one batch with an image")
-    return _assemble(probe.batches, counts, ids_seen, recipe, checkpoint, calib_id, adapter.family)
+    return _assemble(probe.batches, probe.counts, ids_seen, recipe, checkpoint, calib_id, adapter.family)
 
 
 def _assemble(batches, counts, names, recipe, checkpoint, calib_id, family) -> CalibrationStats:

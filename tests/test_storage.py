@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import storage
-from storage import catalog, root as rootmod, store
+from storage import catalog
 from storage.tables import TABLES
 
 REPO = Path(__file__).resolve().parents[1]
