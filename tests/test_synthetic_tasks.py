@@ -166,3 +166,12 @@ def test_thousand_samples_fast():
     for s in S.generate("test", 1000, seed=0):
         s.image
     assert time.perf_counter() - t < 20  # ~2 s measured on a 2-core CPU
+
+
+def test_sample_at_equals_the_generated_list():
+    listed = S.generate("train", 30, seed=5, families=["count_color", "presence", "relation"])
+    lazy = [S.sample_at("train", i, seed=5, families=["count_color", "presence", "relation"]) for i in (0, 7, 29)]
+    assert [(s.id, s.question, s.answer, s.scene) for s in lazy] == \
+        [(listed[i].id, listed[i].question, listed[i].answer, listed[i].scene) for i in (0, 7, 29)]
+    with pytest.raises(ValueError, match="index"):
+        S.sample_at("train", -1)

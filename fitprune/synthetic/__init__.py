@@ -8,9 +8,9 @@ numpy + PIL only.
 
 from .io import load, save
 from .scene import COLORS, POSITIONS, SHAPES, Scene, SceneObject, render
-from .tasks import FAMILIES, SPLITS, SyntheticSample, answer_vocabulary, generate, split_of
+from .tasks import FAMILIES, SPLITS, SyntheticSample, answer_vocabulary, generate, sample_at, split_of
 
 __all__ = sorted([
     "COLORS", "FAMILIES", "POSITIONS", "SHAPES", "SPLITS", "Scene", "SceneObject", "SyntheticSample",
-    "answer_vocabulary", "generate", "load", "render", "save", "split_of",
+    "answer_vocabulary", "generate", "load", "render", "sample_at", "save", "split_of",
 ])

@@ -173,32 +173,44 @@ def _target(seed: int, split: str, fam_idx: int, j: int, vocab: Sequence[str]) -
     return vocab[int(perm[pos])]
 
 
+def _check(split: str, families: Sequence[str] | None) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS)}")
+    fams = list(FAMILIES) if families is None else list(families)
+    unknown = [f for f in fams if f not in FAMILIES]
+    if unknown or not fams:
+        raise ValueError(f"unknown or empty families {unknown or fams}; known families: {sorted(FAMILIES)}")
+    return fams
+
+
+def _sample(split: str, i: int, seed: int, fams: list[str]) -> SyntheticSample:
+    family = fams[i % len(fams)]
+    vocab, build = FAMILIES[family]
+    target = _target(seed, split, list(FAMILIES).index(family), i // len(fams), vocab)
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
+    for _ in range(_MAX_TRIES):
+        scene, question, meta = build(rng, target)
+        if split_of(scene) == split:
+            break
+    else:  # pragma: no cover - acceptance is >= 10% per try
+        raise RuntimeError(f"no {split} scene for sample {i} after {_MAX_TRIES} tries")
+    meta = {**meta, "layout_hash": scene.layout_hash(), "split": split, "seed": seed}
+    return SyntheticSample(f"{split}-{seed}-{i:06d}", question, target, family, scene, meta)
+
+
+def sample_at(split: str, i: int, seed: int = 0, families: Sequence[str] | None = None) -> SyntheticSample:
+    """Sample `i` of `generate(split, n, seed, families)` for any n > i, built on its own (for lazy datasets)."""
+    if i < 0:
+        raise ValueError(f"sample index must be >= 0, got {i}")
+    return _sample(split, i, seed, _check(split, families))
+
+
 def generate(split: str, n: int, seed: int = 0, families: Sequence[str] | None = None) -> list[SyntheticSample]:
     """`n` samples for `split` ("train", "val" or "test"), families taken round-robin.
 
     Deterministic in (split, n, seed, families); scenes of different splits never share a layout.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {sorted(SPLITS)}")
+    fams = _check(split, families)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    fams = list(FAMILIES) if families is None else list(families)
-    unknown = [f for f in fams if f not in FAMILIES]
-    if unknown or not fams:
-        raise ValueError(f"unknown or empty families {unknown or fams}; known families: {sorted(FAMILIES)}")
-    order = list(FAMILIES)
-    samples = []
-    for i in range(n):
-        family = fams[i % len(fams)]
-        vocab, build = FAMILIES[family]
-        target = _target(seed, split, order.index(family), i // len(fams), vocab)
-        rng = np.random.default_rng([seed, _SPLIT_CODE[split], i])
-        for _ in range(_MAX_TRIES):
-            scene, question, meta = build(rng, target)
-            if split_of(scene) == split:
-                break
-        else:  # pragma: no cover - acceptance is >= 10% per try
-            raise RuntimeError(f"no {split} scene for sample {i} after {_MAX_TRIES} tries")
-        meta = {**meta, "layout_hash": scene.layout_hash(), "split": split, "seed": seed}
-        samples.append(SyntheticSample(f"{split}-{seed}-{i:06d}", question, target, family, scene, meta))
-    return samples
+    return [_sample(split, i, seed, fams) for i in range(n)]
