@@ -418,10 +418,20 @@ class Pruner:
 
     @staticmethod
     def _cross_self(state: _Prefill, query, key, mask, scaling, candidates):
-        """FitPrune's c and s (B, Lc) for the alive visual slots (0 elsewhere before row_start)."""
+        """FitPrune's c and s (B, Lc) for the alive visual slots (0 elsewhere before row_start).
+
+        On a CUDA device with Triton, a fused kernel computes them without materialising attention
+        probabilities (``fitprune.kernels.fused_scores``; FITPRUNE_FUSED_SCORES=0 turns it off).
+        """
+        from .kernels import fused_scores  # imports Triton (if installed) on first use only
+
         first = state.first_candidate_row()  # system rows are neither T nor V
+        text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)
+        visual_rows = candidates[:, first:]  # (B, R)
+        if fused_scores.available(query):
+            return fused_scores.fused_cross_self(query, key, mask, scaling, first, text_rows, visual_rows)
         probs = scoring.head_max_probs(query, key, mask, scaling, row_start=first)
-        return scoring.cross_self(probs, state.text[:, first:] & state.valid[:, first:], candidates[:, first:])
+        return scoring.cross_self(probs, text_rows, visual_rows)
 
     def _selection(self, state: _Prefill, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""

@@ -32,10 +32,15 @@ cold call of every configuration is reported too, as ``prefill_cold_ms``):
 6. peak memory (``torch.cuda.max_memory_allocated``, reset before each measurement; total and
    above what was allocated before the call) and KV-cache bytes after a prefill;
 7. the share of pruned-prefill time spent scoring, two ways: (a) the scoring functions of
-   ``fitprune.scoring`` wrapped with synchronised timers in a separate run (the syncs cost time
-   themselves: ``sync_overhead`` = synced / normal prefill time), (b) the same schedule with
-   scoring="random" (share = 1 - t_random / t_recipe; a lower bound, since random scores are drawn
-   on the CPU and copied to the GPU at each pruning layer).
+   ``fitprune.scoring`` (and the fused kernel's ``fused_cross_self``) wrapped with synchronised timers in
+   a separate run (the syncs cost time themselves: ``sync_overhead`` = synced / normal prefill time),
+   (b) the same schedule with scoring="random" (share = 1 - t_random / t_recipe; a lower bound, since
+   random scores are drawn on the CPU and copied to the GPU at each pruning layer);
+8. FitPrune's scores with and without the fused Triton kernel (``--fused-scores both``, the default on
+   a GPU with Triton): each FitPrune recipe is also measured with FITPRUNE_FUSED_SCORES=0 (label
+   ``<recipe>/torch-scores``: prefill, memory, synced scoring; no decode, which the kernel does not
+   touch), and so is ``collect_stats`` (``collect_stats/torch-scores``). Without CUDA or Triton only
+   the torch path runs.
 
 SDPA backends: by default only flash / memory-efficient / math are allowed (``--sdpa-backends``). With
 torch 2.11 on an H100 the default choice is cuDNN attention, which builds an execution plan for every
@@ -56,6 +61,7 @@ Run from the repository root::
     python scripts/bench_gpu.py --batches 16          # batch 16 on its own (about as long again)
     python scripts/bench_gpu.py --sdpa-backends default --geometries llava-1.5-7b   # torch's own SDPA choice
     python scripts/bench_gpu.py --tiny                # tiny geometries, end to end in < 1 min (CPU ok)
+    python scripts/bench_gpu.py --fused-scores off    # FitPrune scores by the torch path only
 
 ``--budgets 60`` / ``--parts prefill,fastv`` / ``--geometries`` narrow a run down.
 """
@@ -105,12 +111,14 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 import fitprune  # noqa: E402
 from fitprune import baselines, scoring  # noqa: E402
 from fitprune.flops import ModelDims, prefill_flops, recipe_reduction  # noqa: E402
+from fitprune.kernels import fused_scores  # noqa: E402
 from fitprune.presets import preset  # noqa: E402
 from fitprune.recipe import Recipe, RecipeError  # noqa: E402
 from fitprune.stats import collect_stats  # noqa: E402
 
 GEOMETRIES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b")
 PARTS = ("prefill", "fastv", "random", "scoring", "memory", "decode", "stats")
+TORCH_SCORES = "/torch-scores"  # label suffix: the same recipe scored without the fused kernel
 N_SYSTEM, N_TEXT = 35, 40  # LLaVA-1.5's system prompt before the image; a short question after it
 MB = 1024 * 1024
 
@@ -178,6 +186,33 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def set_fused_scores(requested: str, device: torch.device) -> str:
+    """Switch the fused scoring kernel for the run (FITPRUNE_FUSED_SCORES); returns on, off or both as
+    measured: without CUDA or Triton only the torch path exists, so anything becomes off."""
+    os.environ[fused_scores.ENV_VAR] = "1"
+    if requested != "off" and not fused_scores.available(torch.empty(0, device=device)):
+        print(f"--fused-scores {requested}: the fused kernel needs a CUDA GPU and Triton; measuring the torch "
+              "path only", flush=True)
+        requested = "off"
+    os.environ[fused_scores.ENV_VAR] = "0" if requested == "off" else "1"
+    return requested
+
+
+@contextlib.contextmanager
+def torch_scores(on: bool = True):
+    """Score with the torch path inside (FITPRUNE_FUSED_SCORES=0) when ``on``."""
+    before = os.environ.get(fused_scores.ENV_VAR)
+    if on:
+        os.environ[fused_scores.ENV_VAR] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(fused_scores.ENV_VAR, None)
+        else:
+            os.environ[fused_scores.ENV_VAR] = before
+
+
 # ------------------------------------------------------------------------------------ geometries
 
 
@@ -191,6 +226,7 @@ class Method:
     recipe: Recipe | None
     source: str  # where the schedule comes from
     of: str | None = None  # for controls: the label whose schedule they copy
+    torch_scores: bool = False  # score with the torch path even where the fused kernel is available
 
 
 @dataclass
@@ -394,6 +430,11 @@ def _fastv_match(geo: Geometry, m: Method) -> Method:
                   f"FastV K=2 R={recipe.metadata['R']:.3f}, same FLOPs as {m.label}", of=m.label)
 
 
+def _torch_scores_twin(m: Method) -> Method:
+    return Method(f"{m.label}{TORCH_SCORES}", m.method, m.budget, m.recipe,
+                  f"{m.source}; scores by the torch path (fused kernel off)", of=m.label, torch_scores=True)
+
+
 def _random_twin(m: Method) -> Method:
     return Method(f"{m.label}/random", "random", m.budget, baselines.random_recipe(m.recipe),
                   f"schedule of {m.label}, random picks", of=m.label)
@@ -408,6 +449,7 @@ class Bench:
         self.device = device
         self.clock = Clock(device)
         self.meta = meta
+        self.fused = meta.get("fused_scores", "off")  # on | off | both (set_fused_scores)
         self.rows: list[dict] = []
         self.errors: list[str] = []
 
@@ -550,6 +592,7 @@ def timed_scoring(clock: Clock, acc: dict):
     """Wrap ``fitprune.scoring``'s functions (the pruner calls them as ``scoring.<name>``) with
     synchronised wall-clock timers adding into ``acc["score"]`` / ``acc["select"]``."""
     originals = {name: getattr(scoring, name) for name in _SCORE_FNS}
+    fused = fused_scores.fused_cross_self  # the pruner calls it as fused_scores.fused_cross_self
 
     def wrap(name, fn):
         def timed(*a, **kw):
@@ -565,10 +608,12 @@ def timed_scoring(clock: Clock, acc: dict):
     try:
         for name, fn in originals.items():
             setattr(scoring, name, wrap(name, fn))
+        fused_scores.fused_cross_self = wrap("cross_self", fused)
         yield acc
     finally:
         for name, fn in originals.items():
             setattr(scoring, name, fn)
+        fused_scores.fused_cross_self = fused
 
 
 # ------------------------------------------------------------------------------ one geometry/batch
@@ -586,13 +631,16 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
     methods: list[Method] = [Method("unpruned", "unpruned", None, None, "stock model")]
     for m in geo.recipes:
         methods.append(m)
+        if bench.fused == "both" and m.method == "fitprune":
+            methods.append(_torch_scores_twin(m))
         if "fastv" in parts:
             try:
                 methods.append(_fastv_match(geo, m))
             except RecipeError as e:
                 bench.errors.append(f"{geo.name} b{batch} FastV for {m.label}: {e}")
                 print(f"  ! {bench.errors[-1]}", flush=True)
-    controls = [_random_twin(m) for m in methods if m.recipe is not None] if "random" in parts else []
+    controls = [_random_twin(m) for m in methods if m.recipe is not None and not m.torch_scores] \
+        if "random" in parts else []
 
     for m in methods + controls:
         t_cfg = time.perf_counter()
@@ -627,11 +675,12 @@ def add_random_shares(bench: Bench, geo: Geometry, batch: int, controls: list[Me
     times = {r["label"]: r for r in bench.rows
              if r["geometry"] == geo.name and r["batch"] == batch and r["metric"] == "prefill_ms"}
     for ctl in controls:
-        own, twin = times.get(ctl.of), times.get(ctl.label)
-        if own and twin and own["value"] and twin["value"] is not None:
-            row = dict(own, metric="scoring_share_vs_random", unit="fraction",
-                       value=1.0 - twin["value"] / own["value"], ratio_vs_unpruned=None)
-            bench.rows.append(row)
+        for scored in (ctl.of, ctl.of + TORCH_SCORES):  # the recipe, and its torch-scored twin if measured
+            own, twin = times.get(scored), times.get(ctl.label)
+            if own and twin and own["value"] and twin["value"] is not None:
+                row = dict(own, metric="scoring_share_vs_random", unit="fraction",
+                           value=1.0 - twin["value"] / own["value"], ratio_vs_unpruned=None)
+                bench.rows.append(row)
 
 
 def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Method, full: float,
@@ -639,7 +688,7 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
     args, parts = bench.args, bench.args.parts
     warmup, repeats = (1, max(1, args.repeats // 2)) if control else (max(1, args.warmup), args.repeats)
     handle = fitprune.apply(geo.model, m.recipe) if m.recipe is not None else contextlib.nullcontext()
-    with handle, torch.no_grad():
+    with handle, torch.no_grad(), torch_scores(m.torch_scores):
         whole, lm, cold, report = bench.prefill(geo, inputs, warmup, repeats)
         if m.recipe is None:
             fr, red_paper = 1.0, 0.0
@@ -675,7 +724,7 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
             add("prefill_ms_synced", s["total"] * 1e3, "ms")
             add("scoring_share_synced", (s["score"] + s["select"]) / s["total"], "fraction")
             add("sync_overhead", s["total"] / whole, "ratio")
-        if "decode" in parts:
+        if "decode" in parts and not m.torch_scores:  # decode does not score
             d = bench.decode(geo, inputs, args.decode_warmup, args.decode_repeats)
             add("decode_tok_s", d["tok_s"], "tokens/s")
             add("decode_step_ms", d["step"] * 1e3, "ms")
@@ -716,14 +765,21 @@ def measure_stats(bench: Bench, geo: Geometry, batch: int, inputs: dict) -> None
         collect_stats(model, [inputs])
 
     t_plain, m_plain = timed(plain)
-    t_stats, m_stats = timed(stats)
     unpruned = Method("unpruned", "unpruned", None, None, "stock model")
-    stats_m = Method("collect_stats", "collect_stats", None, None, "fitprune.stats.collect_stats, one batch")
     bench.add(geo, batch, unpruned, "forward_nocache_ms", t_plain * 1e3, "ms", 1.0)
-    bench.add(geo, batch, stats_m, "stats_ms", t_stats * 1e3, "ms", 1.0)
     if cuda:
         bench.add(geo, batch, unpruned, "peak_forward_nocache_extra_bytes", m_plain, "bytes", 1.0)
-        bench.add(geo, batch, stats_m, "peak_stats_extra_bytes", m_stats, "bytes", 1.0)
+    source = "fitprune.stats.collect_stats, one batch"
+    variants = [Method("collect_stats", "collect_stats", None, None, source)]
+    if bench.fused == "both":
+        variants.append(Method("collect_stats" + TORCH_SCORES, "collect_stats", None, None,
+                               source + "; scores by the torch path (fused kernel off)", torch_scores=True))
+    for stats_m in variants:
+        with torch_scores(stats_m.torch_scores):
+            t_stats, m_stats = timed(stats)
+        bench.add(geo, batch, stats_m, "stats_ms", t_stats * 1e3, "ms", 1.0)
+        if cuda:
+            bench.add(geo, batch, stats_m, "peak_stats_extra_bytes", m_stats, "bytes", 1.0)
 
 
 # metrics whose unpruned reference is another metric (collect_stats vs a plain forward)
@@ -787,7 +843,7 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
         info = geo_info.get(geometry, {})
         print(f"\n== {geometry}  batch {batch}  ({info.get('n_visual')} visual + {info.get('n_other')} other tokens; "
               "× = ratio pruned/unpruned, same run; FLOPs× from executed counts; ideal speed-up = 1/FLOPs×)")
-        labels = [lab for (g, b, lab) in keyed if (g, b) == (geometry, batch) and lab != "collect_stats"]
+        labels = [lab for (g, b, lab) in keyed if (g, b) == (geometry, batch) and not lab.startswith("collect_stats")]
         header = ["method", "budget", "FLOPs×", "ideal"] + [c[0] for c in cols]
         table = [header]
         for lab in labels:
@@ -816,11 +872,12 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         for row in table:
             print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-        st = keyed.get((geometry, batch, "collect_stats"), {}).get("stats_ms")
         fw = keyed.get((geometry, batch, "unpruned"), {}).get("forward_nocache_ms")
-        if st and fw:
-            print(f"  collect_stats on this batch: {st['value']:.1f} ms vs plain forward {fw['value']:.1f} ms "
-                  f"(× {_fmt(st['ratio_vs_unpruned'], '.2f')})")
+        for stats_label in ("collect_stats", "collect_stats" + TORCH_SCORES):
+            st = keyed.get((geometry, batch, stats_label), {}).get("stats_ms")
+            if st and fw:
+                print(f"  {stats_label} on this batch: {st['value']:.1f} ms vs plain forward {fw['value']:.1f} ms "
+                      f"(× {_fmt(st['ratio_vs_unpruned'], '.2f')})")
         for lab in labels:
             m = keyed[(geometry, batch, lab)]
             r = m.get("sync_overhead")
@@ -874,6 +931,10 @@ def parse_args(argv=None):
                    help="SDPA backends allowed on the GPU, from flash, efficient, cudnn, math; 'default' = torch's "
                         "own choice (cuDNN first on Hopper with torch 2.11: it builds a plan per new sequence length, "
                         "and a pruned prefill has a new length after every pruning layer)")
+    p.add_argument("--fused-scores", choices=("on", "off", "both"), default="both",
+                   help="FitPrune scores by the fused Triton kernel (on), the torch path (off), or both: each "
+                        "FitPrune recipe and collect_stats also measured with the torch path, labelled "
+                        f"'{TORCH_SCORES}' (default). Without CUDA or Triton: off")
     p.add_argument("--out", default=None,
                    help="JSON (or .parquet) file; default $OUT/bench_gpu.json if OUT is set, else ./bench_gpu.json")
     args = p.parse_args(argv)
@@ -903,6 +964,7 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.tiny:
         torch.set_num_threads(1)  # tiny matrices: threads only add stalls on a shared CPU
     sdpa = set_sdpa_backends(args.sdpa_backends) if device.type == "cuda" else "cpu"
+    fused = set_fused_scores(args.fused_scores, device)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
@@ -916,6 +978,7 @@ def main(argv=None) -> int:
         "attn": "sdpa",
         "sdpa_backends": sdpa,
         "tiny": bool(args.tiny),
+        "fused_scores": fused,
     }
     out = Path(args.out)
     bench = Bench(args, device, meta)
@@ -924,7 +987,8 @@ def main(argv=None) -> int:
                 "decode_repeats": args.decode_repeats, "new_tokens": args.new_tokens, "parts": sorted(args.parts),
                 "geometries": geo_info}
     print(f"bench_gpu: {gpu}, torch {torch.__version__}, transformers {transformers.__version__}, {meta['dtype']}, "
-          f"batches {args.batches}, geometries {args.geometries}{' (tiny)' if args.tiny else ''} → {out}", flush=True)
+          f"batches {args.batches}, geometries {args.geometries}{' (tiny)' if args.tiny else ''}, fused scores {fused} "
+          f"→ {out}", flush=True)
     t_start = time.perf_counter()
     for name in args.geometries:
         t_geo = time.perf_counter()

@@ -143,14 +143,14 @@ def test_answer_loss_trains_the_projector():
 
 
 class _CharTokenizer:
-    """A stand-in tokenizer: one id per character, <image> = IMAGE_ID, <e> = end token."""
+    """A stand-in tokenizer: one id per character, <image> = IMAGE_ID, <|im_end|> = 1."""
 
-    eos_token, pad_token_id, eos_token_id = "<e>", 0, 1
+    pad_token_id, eos_token_id = 0, 1
 
     def __call__(self, text, add_special_tokens=False):
         ids, i = [], 0
         while i < len(text):
-            for token, tid in (("<image>", IMAGE_ID), ("<e>", 1)):
+            for token, tid in (("<image>", IMAGE_ID), ("<|im_end|>", 1)):
                 if text.startswith(token, i):
                     ids.append(tid)
                     i += len(token)

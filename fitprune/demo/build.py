@@ -24,11 +24,12 @@ from .adapter import TRAINED_ADAPTER, load_adapter, merge_adapter, read_manifest
 from .dinov2_onnx import load_dinov2
 from .sources import LANGUAGE, VISION, MissingPartError, Source, require, sha256
 
-__all__ = ["CHECKPOINT_NAME", "DemoProcessor", "build_demo_model", "load_language_model"]
+__all__ = ["CHAT_END", "CHECKPOINT_NAME", "DemoProcessor", "build_demo_model", "load_language_model"]
 
 CHECKPOINT_NAME = "fitprune-demo-llava-dinov2s-smollm2-135m"
-FORMAT_VERSION = 2  # 2: records the adapter merged into the checkpoint
+FORMAT_VERSION = 3  # 2: records the adapter merged into the checkpoint; 3: stops at the chat end
 IMAGE_TOKEN = "<image>"
+CHAT_END = "<|im_end|>"  # SmolLM2's end of a chat turn: an answer ends here
 IMAGE_SIZE = 336  # px → (336 / 14)² = 576 patch tokens, LLaVA-1.5's count
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,6 +118,9 @@ def _assemble_seeded():
     model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
     model.generation_config = lm.generation_config
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # stop at the end of the turn and at end-of-text (GGUF metadata names different ones per transformers version)
+    stops = {tokenizer.convert_tokens_to_ids(CHAT_END), tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+    model.generation_config.eos_token_id = sorted(t for t in stops if isinstance(t, int) and t >= 0)
     return model, tokenizer
 
 

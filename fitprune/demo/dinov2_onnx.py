@@ -93,12 +93,20 @@ def onnx_state_dict(path: Path | None = None) -> dict[str, torch.Tensor]:
     return renamed
 
 
+def _old_name(key: str) -> str:
+    for old, new in _RENAMES.items():
+        key = key.replace(new, old)
+    return key
+
+
 def load_dinov2(path: Path | None = None):
     """A ``Dinov2Model`` (eval mode) carrying the ONNX weights; every parameter must be matched."""
     from transformers import Dinov2Model
 
     model = Dinov2Model(dinov2_config()).eval()
     state = onnx_state_dict(path)
+    if not any(".attention.q_proj." in k for k in model.state_dict()):  # older transformers 5.x (5.17) keep the HF 4 names
+        state = {_old_name(k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"ONNX → Dinov2Model mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")

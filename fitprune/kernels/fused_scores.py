@@ -1,0 +1,340 @@
+"""FitPrune's cross and self scores in two Triton passes, without materialising attention probabilities.
+
+Computes what ``scoring.cross_self(scoring.head_max_probs(...), text_rows, visual_rows)`` computes
+(B = batch, H = query heads, Hkv = key heads, R = scored query rows [row_start, Lq), Lkv = keys):
+
+1. ``_row_stats``: per (b, h, row) the running max m and sum l of exp(logit - m) over the row's
+   allowed keys (flash-attention style, no values). Grid (R / BLOCK_M, B·H).
+2. ``_cross_self``: per (b, column block, split of the row blocks): loop over heads,
+   p = exp(logit - m) / l, running max over heads; then c += Σ_rows p·t_r/|T|, s += Σ_rows p·v_r/|V|.
+   Each split writes its own partial (no atomics, deterministic); the splits are summed in torch.
+   Grid (Lkv / BLOCK_N, splits, B).
+
+Logits are recomputed in pass 2 (2 × the q·kᵀ FLOPs of one head-chunk pass) and never stored: memory is
+O(B·H·R) instead of the (B, h, R, Lkv) float32 chunk of the torch path.
+
+Numerics follow the torch path: q·kᵀ accumulates in float32 and is rounded to the input dtype (the
+torch path multiplies in the model dtype), then ``* scaling + bias`` in float32; masked entries hold
+float32's min like ``scoring._allowed_bias``. fp32 inputs use IEEE dots (no TF32), as torch does.
+
+Masks are read in the kernels, nothing (B, R, Lkv) is built:
+* None: causal (key n allowed for row r if n <= r + Lkv - Lq); key blocks past the diagonal are skipped;
+* 2D FlashAttention padding mask (B, Lkv): causal & mask[b, n] != 0; same skipping;
+* 4D bool (B|1, 1, Lq, Lkv): True = attend; additive float (clamped at float32 min as the torch path
+  does): masked where <= -1e38 (float32's or bf16's min: there the logit vanishes from the sum, so the
+  torch path gives such entries 0), added to the logit elsewhere (fp16's min -65504 included). No causal
+  assumption (some models attend bidirectionally within an image), so tiles are skipped only when every
+  entry of the mask tile is masked.
+A row with no allowed key gets the uniform 1/Lkv the torch path's softmax gives it; that is added in
+torch after pass 2 (pass 2 skips those rows), so causal tile skipping stays exact.
+
+Under Triton's interpreter (TRITON_INTERPRET=1, set before Triton is first imported; the tests run the
+kernels on the CPU that way) the ``INTERPRET`` constexpr works around two Triton 3.6 interpreter bugs in
+bf16; the compiled code never takes that branch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # optional: CPU installs and CI have no Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = tl = None
+
+__all__ = ["ENV_VAR", "available", "fused_cross_self"]
+
+ENV_VAR = "FITPRUNE_FUSED_SCORES"  # "0" turns the fused path off (the pruner then uses fitprune.scoring)
+NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
+BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
+# pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
+# (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
+ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
+MAX_HEAD_DIM = 256
+# mask modes (constexpr in the kernels)
+CAUSAL, PADDING_2D, BOOL_4D, FLOAT_4D = 0, 1, 2, 3
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """True when the fused kernel can score ``tensor`` (a query): Triton imports, the tensor is on a CUDA
+    device of compute capability >= 8.0 (bf16 dots), and FITPRUNE_FUSED_SCORES is not "0"."""
+    if os.environ.get(ENV_VAR, "1") == "0" or triton is None or not tensor.is_cuda:
+        return False
+    return _capable(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 8
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def _jit(fn):
+    """``triton.jit`` where Triton is installed; else the plain function (never called)."""
+    return fn if triton is None else triton.jit(fn)
+
+
+def _interpreting() -> bool:
+    # Triton's interpreter must be on before Triton is first imported (torch imports it at startup)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@_jit
+def _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE: tl.constexpr):
+    """(BM, BN) float32 additive bias of one tile: 0 (or the float mask's value) where the key is allowed,
+    float32 min where masked, as ``scoring._allowed_bias``; logit + min rounds to min, so no select is
+    needed later. MASK points at this sample's mask."""
+    NEG_F: tl.constexpr = -3.4028234663852886e38
+    ok = row_ok[:, None] & col_ok[None, :]
+    if MASK_MODE <= 1:  # causal; a 2D mask also drops padded keys
+        ok = ok & (cols[None, :] <= (row_start + rows + causal_off)[:, None])
+        if MASK_MODE == 1:
+            ok = ok & (tl.load(MASK + cols * smn, mask=col_ok, other=0) != 0)[None, :]
+        return tl.where(ok, 0.0, NEG_F)
+    ptrs = MASK + rows[:, None] * smr + cols[None, :] * smn
+    if MASK_MODE == 2:  # bool, True = attend
+        return tl.where(ok & (tl.load(ptrs, mask=ok, other=0) != 0), 0.0, NEG_F)
+    value = tl.maximum(tl.load(ptrs, mask=ok, other=NEG_F).to(tl.float32), NEG_F)
+    return tl.where(ok & (value > -1e38), value, NEG_F)  # float32 / bf16 min: the logit vanishes anyway
+
+
+@_jit
+def _logits(q, kt, bias, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+    """(BM, BN) float32 logits of q (BM, BD) and kᵀ (BD, BN): q·kᵀ rounded to the input dtype (the torch
+    path multiplies in the model dtype), then * scaling + bias in float32."""
+    if INTERPRET:  # Triton 3.6's interpreter: bf16 dots are wrong and float32 → bf16 truncates
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        if q.dtype == tl.bfloat16:  # round to nearest even by hand
+            bits = s.to(tl.uint32, bitcast=True)
+            s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            s = s.to(q.dtype).to(tl.float32)
+    else:
+        if IEEE:  # float32 inputs: no TF32, as torch's matmul
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        s = s.to(q.dtype).to(tl.float32)
+    return s * scaling + bias
+
+
+@_jit
+def _row_stats(
+    Q, K, MASK, M_OUT, L_OUT,
+    sqb, sqh, sqr, sqd,  # query strides (B, H, Lq, hd)
+    skb, skh, skn, skd,  # key strides (B, Hkv, Lkv, hd)
+    smb, smr, smn,  # mask strides (b, row of [row_start, Lq), key); smr = 0 for a 2D mask
+    n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling,
+    MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 1: m, l (each (B, H, R) float32) of the rows of one (row block, b, h)."""
+    NEG_F: tl.constexpr = -3.4028234663852886e38
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    kvh = h // groups
+    Q += b.to(tl.int64) * sqb  # this sample (int64: B·H·L·hd may pass 2**31)
+    K += b.to(tl.int64) * skb
+    MASK += b.to(tl.int64) * smb
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) index into R
+    row_ok = rows < n_rows
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+    m_i = tl.full([BLOCK_M], NEG_F, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    n_end = kv_len
+    if MASK_MODE <= 1:  # causal: no key right of the block's last row
+        n_end = row_start + (pid_m + 1) * BLOCK_M + causal_off
+        if n_end > kv_len:
+            n_end = kv_len
+    for n0 in range(0, n_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)  # (BN,)
+        col_ok = cols < kv_len
+        bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
+        if tl.max(bias) > NEG_F:  # some key of the tile is allowed
+            k_ptrs = K + kvh * skh + cols[None, :] * skn + d[:, None] * skd
+            kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+            x = _logits(q, kt, bias, scaling, IEEE, INTERPRET)  # (BM, BN), masked: NEG_F
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+            m_i = m_new
+    out = (b * n_heads + h) * n_rows + rows
+    tl.store(M_OUT + out, m_i, mask=row_ok)
+    tl.store(L_OUT + out, l_i, mask=row_ok)
+
+
+@_jit
+def _cross_self(
+    Q, K, MASK, M_IN, L_IN, W_T, W_V, OUT,
+    sqb, sqh, sqr, sqd,
+    skb, skh, skn, skd,
+    smb, smr, smn,
+    n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling, n_splits,
+    MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv)."""
+    NEG_F: tl.constexpr = -3.4028234663852886e38
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    Q += b.to(tl.int64) * sqb  # this sample
+    K += b.to(tl.int64) * skb
+    MASK += b.to(tl.int64) * smb
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    col_ok = cols < kv_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    c_acc = tl.zeros([BLOCK_N], tl.float32)
+    s_acc = tl.zeros([BLOCK_N], tl.float32)
+    rb_start = 0
+    if MASK_MODE <= 1:  # causal: rows whose last allowed key is left of this block never see it
+        first_row = pid_n * BLOCK_N - causal_off - row_start
+        if first_row > 0:
+            rb_start = first_row // BLOCK_M
+    n_rb = tl.cdiv(n_rows, BLOCK_M)
+    for rb in range(rb_start + split, n_rb, n_splits):  # this split's row blocks
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        row_ok = rows < n_rows
+        w_t = tl.load(W_T + b * n_rows + rows, mask=row_ok, other=0.0)  # (BM,) t_r / |T| (0: not scored)
+        w_v = tl.load(W_V + b * n_rows + rows, mask=row_ok, other=0.0)
+        bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
+        if (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0):  # something allowed, some row scored
+            p_max = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # max over heads of the probabilities
+            for h in range(n_heads):
+                q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
+                q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+                k_ptrs = K + (h // groups) * skh + cols[None, :] * skn + d[:, None] * skd
+                kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+                x = _logits(q, kt, bias, scaling, IEEE, INTERPRET)  # as in pass 1
+                stat = (b * n_heads + h) * n_rows + rows
+                m_r = tl.load(M_IN + stat, mask=row_ok, other=0.0)
+                inv_l = 1.0 / tl.load(L_IN + stat, mask=row_ok, other=1.0)
+                p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]) * inv_l[:, None])  # masked: 0
+            c_acc += tl.sum(p_max * w_t[:, None], 0)  # rows without an allowed key weigh 0 here
+            s_acc += tl.sum(p_max * w_v[:, None], 0)
+    out = OUT + (b * n_splits + split) * 2 * kv_len + cols
+    tl.store(out, c_acc, mask=col_ok)
+    tl.store(out + kv_len, s_acc, mask=col_ok)
+
+
+# ------------------------------------------------------------------------------------------ wrapper
+
+
+def _mask_args(mask: torch.Tensor | None, row_start: int, q_len: int, kv_len: int, query: torch.Tensor):
+    """(mode, tensor, (smb, smr, smn)) for the kernels, from the mask the model passes its attention."""
+    if mask is None:
+        return CAUSAL, query, (0, 0, 0)  # the pointer is never read
+    if mask.dim() == 2:  # FlashAttention padding mask (B, Lkv): 1 = real token
+        m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        return PADDING_2D, m, (m.stride(0) if m.shape[0] > 1 else 0, 0, m.stride(1))
+    if mask.dim() != 4 or mask.shape[-1] != kv_len:
+        raise ValueError(
+            f"fused scores: expected a mask None, (B, Lkv) or (B, 1, Lq, Lkv={kv_len}); got {tuple(mask.shape)}. "
+            f"Set {ENV_VAR}=0 to score with the torch path."
+        )
+    m = mask[:, 0, row_start:q_len, :]  # (B|1, R, Lkv), a view
+    mode = BOOL_4D if m.dtype == torch.bool else FLOAT_4D
+    if m.dtype == torch.bool:
+        m = m.view(torch.uint8)
+    return mode, m, (m.stride(0) if m.shape[0] > 1 else 0, m.stride(1), m.stride(2))
+
+
+@functools.cache
+def _programs(device_index: int) -> int:
+    """Pass-2 programs that fill the GPU: 4 per streaming multiprocessor."""
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check(query, key, text_rows, visual_rows, row_start: int) -> None:
+    bsz, n_heads, q_len, head_dim = query.shape
+    n_rows = q_len - row_start
+    if triton is None:
+        raise RuntimeError(f"fused scores need Triton (pip install triton); or set {ENV_VAR}=0")
+    if key.dim() != 4 or n_heads % key.shape[1] or key.shape[0] != bsz or key.shape[3] != head_dim:
+        raise ValueError(f"fused scores: query {tuple(query.shape)} and key {tuple(key.shape)} must be "
+                         "(B, H, Lq, hd) and (B, Hkv, Lkv, hd) with H a multiple of Hkv")
+    if head_dim > MAX_HEAD_DIM or query.dtype != key.dtype:
+        raise ValueError(f"fused scores handle head_dim <= {MAX_HEAD_DIM} and query/key of one dtype; got "
+                         f"{head_dim}, {query.dtype}/{key.dtype}. Set {ENV_VAR}=0 to score with the torch path.")
+    if not 0 <= row_start <= q_len:
+        raise ValueError(f"row_start must be in [0, Lq={q_len}]; got {row_start}")
+    if tuple(text_rows.shape) != (bsz, n_rows) or tuple(visual_rows.shape) != (bsz, n_rows):
+        raise ValueError(f"text_rows / visual_rows must be (B, R) = ({bsz}, {n_rows}); got "
+                         f"{tuple(text_rows.shape)} / {tuple(visual_rows.shape)}")
+
+
+def fused_cross_self(
+    query: torch.Tensor,  # (B, H, Lq, hd), after RoPE
+    key: torch.Tensor,  # (B, Hkv, Lkv, hd), after RoPE and cache update
+    mask: torch.Tensor | None,
+    scaling: float,
+    row_start: int,
+    text_rows: torch.Tensor,  # (B, R) bool: text query rows T (R = Lq - row_start)
+    visual_rows: torch.Tensor,  # (B, R) bool: alive visual query rows V
+    *,
+    splits: int | None = None,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FitPrune's c (mean over T) and s (mean over V) of the head-max attention, each (B, Lkv) float32.
+
+    Equals ``scoring.cross_self(scoring.head_max_probs(query, key, mask, scaling, row_start), text_rows,
+    visual_rows)`` up to float rounding. ``splits``: groups of row blocks per column block, each writing
+    its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: tile
+    rows / keys, powers of two >= 16.
+    """
+    _check(query, key, text_rows, visual_rows, row_start)
+    bsz, n_heads, q_len, head_dim = query.shape
+    kv_len = key.shape[2]
+    n_rows = q_len - row_start
+    device = query.device
+    if n_rows == 0 or kv_len == 0:
+        zeros = torch.zeros(bsz, kv_len, dtype=torch.float32, device=device)
+        return zeros, zeros.clone()
+    mode, mask_t, mask_strides = _mask_args(mask, row_start, q_len, kv_len, query)
+    common = {"MASK_MODE": mode, "IEEE": query.dtype == torch.float32, "INTERPRET": _interpreting(),
+              "BLOCK_M": block_m, "BLOCK_N": block_n,
+              "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}  # tl.dot needs K >= 16
+    geometry = (n_heads, n_heads // key.shape[1], n_rows, kv_len, row_start, kv_len - q_len, head_dim,
+                float(scaling))
+    strides = (*query.stride(), *key.stride(), *mask_strides)
+
+    # pass 1: softmax statistics m, l of every (b, h, row)
+    row_max = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)  # m
+    row_sum = torch.empty_like(row_max)  # l
+    n_rb = triton.cdiv(n_rows, block_m)
+    _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
+                                      num_warps=ROW_STATS_WARPS)
+
+    # row weights; a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
+    t, v = text_rows.float(), visual_rows.float()
+    w_t = t / t.sum(1, keepdim=True).clamp(min=1)  # (B, R)
+    w_v = v / v.sum(1, keepdim=True).clamp(min=1)
+    dead = (row_max == NEG).all(1)  # (B, R)
+    uniform = torch.stack([(w_t * dead).sum(1), (w_v * dead).sum(1)], 1)[..., None] / kv_len  # (B, 2, 1)
+    w_t = w_t.masked_fill(dead, 0.0).contiguous()
+    w_v = w_v.masked_fill(dead, 0.0).contiguous()
+
+    # pass 2: max over heads, weighted sums over rows; `splits` partials per column block
+    n_cb = triton.cdiv(kv_len, block_n)
+    if splits is None:
+        programs = _programs(device.index if device.index is not None else torch.cuda.current_device()) \
+            if query.is_cuda else 2
+        splits = triton.cdiv(programs, bsz * n_cb)
+    splits = max(1, min(int(splits), n_rb))
+    partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
+    _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, w_t, w_v, partial, *strides, *geometry,
+                                     splits, **common, num_warps=CROSS_SELF_WARPS)
+    cs = partial.sum(1) + uniform  # (B, 2, Lkv)
+    return cs[:, 0], cs[:, 1]

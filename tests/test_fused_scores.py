@@ -1,0 +1,250 @@
+"""The fused Triton scoring kernel (fitprune.kernels.fused_scores) against the torch path of fitprune.scoring.
+
+On the CPU the kernels run in Triton's interpreter, which must be switched on (TRITON_INTERPRET=1) before
+Triton is first imported — torch imports it at startup — so the ``test_interpreted_*`` cases run in one
+pytest subprocess started by :func:`test_kernels_under_triton_interpreter` (small shapes, 16-wide tiles so
+several row and column blocks, causal tile skipping and split partials are all exercised). With a CUDA
+device the same checks run compiled (``-m gpu``). Without Triton these tests skip; the pruner then never
+takes the fused path (``available`` is False), which the rest of the suite covers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import FACTORIES, IMAGES
+
+import fitprune
+from fitprune import Recipe, scoring
+from fitprune.kernels import fused_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton==3.6.0)")
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not (HAS_TRITON and IN_INTERPRETER),
+    reason="runs in test_kernels_under_triton_interpreter's subprocess (TRITON_INTERPRET=1 before Triton loads)",
+)
+MASKS = ("none", "pad2d", "bool4d", "float4d")
+
+
+@pytest.mark.slow
+@needs_triton
+def test_kernels_under_triton_interpreter():
+    if IN_INTERPRETER:
+        pytest.skip("already inside the interpreter subprocess")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    out = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, out
+    assert "skipped" not in proc.stdout.splitlines()[-1], out  # every interpreted case really ran
+    assert " passed" in proc.stdout.splitlines()[-1], out
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Work around Triton 3.6 interpreter bugs for the duration of one test."""
+    from triton.runtime import interpreter as interp
+
+    major, minor = (int(x) for x in np.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        # triton-lang/triton#9171 (fixed after 3.6): numpy >= 2.4 refuses int() of the interpreter's
+        # (1,)-shaped scalars, e.g. a loop bound computed from tl.program_id
+        original = interp._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+
+
+def _mask(kind: str, pad: list[int], q_len: int, kv_len: int, dtype: torch.dtype, device):
+    """The mask a model passes its attention: left padding ``pad[b]``; bool4d also lets rows and keys
+    [10, 30) see each other both ways (an image attended bidirectionally, as Gemma 3 does)."""
+    real = torch.arange(kv_len, device=device)[None, :] >= torch.tensor(pad, device=device)[:, None]  # (B, Lkv)
+    if kind == "none":
+        assert not any(pad)
+        return None
+    if kind == "pad2d":
+        return real.long()
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    cols = torch.arange(kv_len, device=device)[None, :]
+    allowed = (cols <= rows)[None] & real[:, None, :]  # (B, Lq, Lkv)
+    if kind == "bool4d":
+        image = (rows >= 10) & (rows < 30) & (cols >= 10) & (cols < 30)
+        return (allowed | (image[None] & real[:, None, :]))[:, None]
+    assert kind == "float4d"  # HF eager style: the model dtype's min where masked
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def _case(kind, dtype, heads, bsz=3, q_len=50, kv_len=50, row_start=5, hd=16, device="cpu", seed=0):
+    """Random query/key/mask and per-sample text/visual rows; sample 1 has no text rows, and padded
+    (fully masked) rows are counted as text rows of sample 2, to check the torch path's uniform rows."""
+    gen = torch.Generator().manual_seed(seed)
+    n_heads, n_kv = heads
+    pad = [0] * bsz if kind == "none" else [0, 3, 9][:bsz]
+    query = (torch.randn(bsz, n_heads, q_len, hd, generator=gen) * 1.5).to(dtype).to(device)
+    key = (torch.randn(bsz, n_kv, kv_len, hd, generator=gen) * 1.5).to(dtype).to(device)
+    mask = _mask(kind, pad, q_len, kv_len, dtype, device)
+    n_rows = q_len - row_start
+    text = torch.zeros(bsz, n_rows, dtype=torch.bool)
+    visual = torch.zeros(bsz, n_rows, dtype=torch.bool)
+    for b in range(bsz):  # a different layout per sample
+        first, end = 2 + 2 * b, 2 + 2 * b + n_rows // 2 + 2 * b
+        visual[b, first:end] = True
+        text[b, end + 3 + b :] = b != 1  # sample 1: no text rows, c must stay 0
+    if kind != "none" and bsz > 2:
+        text[2, : pad[2] - row_start] = True  # padded rows (no allowed key) counted as text
+    return query, key, mask, row_start, text.to(device), visual.to(device)
+
+
+def _reference(query, key, mask, scaling, row_start, text, visual):
+    probs = scoring.head_max_probs(query, key, mask, scaling, row_start=row_start)
+    return scoring.cross_self(probs, text, visual)
+
+
+def _assert_close(got, want, dtype):
+    # CPU interpreter: same float32 products, one rounding to bf16 as torch: tight. CUDA bf16: cuBLAS and
+    # Triton sum in different orders, so a few logits round to the neighbouring bf16 value.
+    on_gpu = got.is_cuda
+    rtol, atol = (1e-4, 1e-7) if dtype == torch.float32 or not on_gpu else (2e-2, 1e-5)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def _check(case, dtype, **kw):
+    scaling = case[0].shape[-1] ** -0.5
+    c, s = fused_scores.fused_cross_self(*case[:2], case[2], scaling, *case[3:], **kw)
+    c_ref, s_ref = _reference(*case[:2], case[2], scaling, *case[3:])
+    assert c.shape == s.shape == c_ref.shape and c.dtype == torch.float32
+    assert c_ref.abs().max() > 0 and s_ref.abs().max() > 0  # the case scores something
+    _assert_close(c, c_ref, dtype)
+    _assert_close(s, s_ref, dtype)
+    assert torch.equal(c[1], torch.zeros_like(c[1]))  # no text rows
+    return c, s
+
+
+# ------------------------------------------------------------------ CPU, in the interpreter subprocess
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "kind, dtype",
+    [(kind, torch.float32) for kind in MASKS] + [("pad2d", torch.bfloat16), ("float4d", torch.bfloat16)],
+    ids=[f"{kind}-fp32" for kind in MASKS] + ["pad2d-bf16", "float4d-bf16"],
+)
+def test_interpreted_matches_torch_path(interpreter, kind, dtype):
+    # GQA; 16-wide tiles: 4 row and column blocks; row_start 1 puts a row block's last causal key
+    # first in a new column block (the edge of causal tile skipping)
+    case = _case(kind, dtype, heads=(4, 2), row_start=1)
+    _check(case, dtype, block_m=16, block_n=16, splits=2)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["none", "float4d"])
+def test_interpreted_mha_default_tiles_and_longer_keys(interpreter, kind):
+    # MHA, 64-wide tiles (as on the GPU), keys beyond the query rows (a cached prefix), one split
+    case = _case(kind, torch.float32, heads=(4, 4), bsz=2, q_len=40, kv_len=77, row_start=0)
+    _check(case, torch.float32, splits=1)
+
+
+@interpreted
+def test_interpreted_dead_rows_follow_torch_softmax(interpreter):
+    # a row with no allowed key has a uniform softmax in the torch path; here they are all the text rows
+    query, key, mask, row_start, text, visual = _case("pad2d", torch.float32, heads=(2, 1), q_len=40, kv_len=40)
+    text = torch.zeros_like(text)
+    text[2, :4] = True  # sample 2 is padded by 9: its rows 5..8 see no key
+    c, _ = _check((query, key, mask, row_start, text, visual), torch.float32, block_m=16, block_n=16)
+    torch.testing.assert_close(c[2], torch.full_like(c[2], 1 / 40))
+
+
+def test_available_needs_cuda_and_respects_env(monkeypatch):
+    assert not fused_scores.available(torch.zeros(1))
+    if torch.cuda.is_available() and HAS_TRITON:
+        x = torch.zeros(1, device="cuda")
+        assert fused_scores.available(x)
+        monkeypatch.setenv(fused_scores.ENV_VAR, "0")
+        assert not fused_scores.available(x)
+
+
+@needs_triton
+def test_bad_shapes_say_what_to_do():
+    q = torch.zeros(1, 3, 8, 16)
+    k = torch.zeros(1, 2, 8, 16)  # 3 heads over 2 kv heads
+    rows = torch.zeros(1, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        fused_scores.fused_cross_self(q, k, None, 0.25, 0, rows, rows)
+    with pytest.raises(ValueError, match=fused_scores.ENV_VAR):
+        fused_scores.fused_cross_self(q, q, torch.zeros(1, 1, 8, 5), 0.25, 0, rows, rows)
+
+
+def _dropped(model, batch, recipe):
+    with fitprune.apply(model, recipe) as m, torch.no_grad():
+        logits = m(**batch).logits
+        return fitprune.last_report(m).dropped, logits
+
+
+@interpreted
+@pytest.mark.parametrize("padded", [True, False], ids=["padded-4d-mask", "no-mask"])
+def test_interpreted_pruner_fused_path_drops_the_same_tokens(interpreter, monkeypatch, padded):
+    model, make_inputs = FACTORIES["llava"]()
+    a, b = IMAGES["llava"]
+    specs = [(5, a, 7), (3, b, 4), (4, None, 6)] if padded else [(5, a, 7)]
+    batch = make_inputs(specs)
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+    want, want_logits = _dropped(model, batch, recipe)
+
+    calls = []  # the mask each call got
+    original = fused_scores.fused_cross_self
+
+    def spy(query, key, mask, *args, **kwargs):
+        calls.append(mask)
+        return original(query, key, mask, *args, **kwargs)
+
+    monkeypatch.setattr(fused_scores, "available", lambda tensor: True)
+    monkeypatch.setattr(fused_scores, "fused_cross_self", spy)
+    got, got_logits = _dropped(model, batch, recipe)
+    assert len(calls) == 2  # both pruning layers scored by the kernel
+    assert (calls[0] is None) != padded  # unpadded: plain causal (SDPA's is_causal), else a 4D mask
+    assert got == want and any(any(layer) for sample in got for layer in sample)
+    torch.testing.assert_close(got_logits, want_logits)
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", [(8, 2), (8, 8)], ids=["gqa", "mha"])
+def test_cuda_matches_torch_path(monkeypatch, kind, dtype, heads):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    case = _case(kind, dtype, heads, q_len=333, kv_len=333, row_start=37, hd=128, device="cuda")
+    _check(case, dtype)
+    _check(case, dtype, block_m=16, block_n=32, splits=5)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_cuda_pruner_fused_and_torch_paths_agree(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, make_inputs = FACTORIES["llava"]()
+    model = model.cuda()
+    a, b = IMAGES["llava"]
+    batch = {k: v.cuda() for k, v in make_inputs([(5, a, 7), (3, b, 4), (4, None, 6)]).items()}
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+    fused, fused_logits = _dropped(model, batch, recipe)
+    monkeypatch.setenv(fused_scores.ENV_VAR, "0")
+    torch_path, torch_logits = _dropped(model, batch, recipe)
+    assert fused == torch_path
+    torch.testing.assert_close(fused_logits, torch_logits)
