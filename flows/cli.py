@@ -1,6 +1,6 @@
 """The ``fitprune`` command line. Library errors become messages and exit codes here, nowhere else.
 
-    fitprune [--data-root DIR] sweep [--budgets 0.3,0.5,0.7] [--methods fitprune,fastv,random] [--shard-size 64] ...
+    fitprune [--data-root DIR] sweep [--budgets 0.5,0.7] [--methods fitprune,fastv,random] [--device cuda] ...
     fitprune pareto [--checkpoint FP] [--benchmark NAME]
     fitprune sql "SELECT ..."
     fitprune presets
@@ -26,17 +26,58 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def _cmd_sweep(args) -> int:
-    from flows.sweep import SweepConfig, run_sweep
-    from storage.catalog import format_table
+_CUDA_SCALE = {"n_calib": 64, "n_eval": 500, "batch_size": 32}  # --device cuda without explicit counts
 
-    config = SweepConfig(budgets=args.budgets, methods=args.methods, n_calib=args.calib_samples,
-                         n_eval=args.eval_samples, batch_size=args.batch_size, seed=args.seed, root=args.data_root,
-                         shard_size=args.shard_size, source=args.source)
-    result = run_sweep(config, progress=True)  # progress on stderr; stdout keeps the result table
-    print(f"run {result['run_id']} — Pareto front (checkpoint {result['checkpoint']}):")
+
+def _sweep_config(args):
+    from flows.sweep import SweepConfig
+
+    given = {"budgets": args.budgets, "methods": args.methods, "n_calib": args.calib_samples,
+             "n_eval": args.eval_samples, "batch_size": args.batch_size, "seed": args.seed,
+             "shard_size": args.shard_size, "source": args.source, "benchmarks": args.benchmarks,
+             "max_new_tokens": args.max_new_tokens}
+    if args.device.startswith("cuda"):
+        given = {**_CUDA_SCALE, **{k: v for k, v in given.items() if v is not None}}
+    return SweepConfig(root=args.data_root, **{k: v for k, v in given.items() if v is not None})
+
+
+def _model_spec(args, config) -> dict:
+    from flows.sweep import default_spec
+
+    if args.model is None:
+        spec = default_spec(config)
+    elif args.model in ("demo", "toy"):
+        spec = {"kind": args.model}
+    else:
+        spec = {"kind": "path", "path": args.model}
+    if spec["kind"] == "toy":
+        spec["seed"] = config.seed
+    else:
+        spec["dtype"] = args.dtype
+    return {**spec, "device": args.device}
+
+
+def _cmd_sweep(args) -> int:
+    import time
+
+    from flows.sweep import run_sweep
+    from storage.catalog import format_table
+    from storage.root import data_root
+    from tasks.report import plot_front, summary_text
+
+    start = time.perf_counter()
+    config = _sweep_config(args)
+    result = run_sweep(config, _model_spec(args, config), progress=True)  # progress on stderr; results on stdout
+    print(f"run {result['run_id']} — checkpoint {result['checkpoint']}")
+    print(f"calibration: {config.n_calib} samples of {config.source}; evaluation: {config.n_eval} samples each of "
+          f"{', '.join(config.benchmarks)}; budgets {', '.join(f'{b:g}' for b in config.budgets)}")
+    print(summary_text(result))
+    print("\nPareto front:")
     print(format_table(result["pareto"].select(
-        ["method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples"])))
+        ["benchmark", "method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples"])))
+    png = plot_front(result, str(data_root(args.data_root) / "reports"))
+    print(f"\nplot: {png}" if png else "\nplot: skipped (pip install matplotlib)")
+    print(f"took {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -91,17 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
-    sweep.add_argument("--budgets", type=_floats, default=(0.3, 0.5, 0.7), help="FLOPs fractions to remove (default 0.3,0.5,0.7)")
-    sweep.add_argument("--methods", type=_names, default=("fitprune", "fastv", "random"))
-    sweep.add_argument("--calib-samples", type=int, default=32)
-    sweep.add_argument("--eval-samples", type=int, default=64)
-    sweep.add_argument("--batch-size", type=int, default=16)
-    sweep.add_argument("--seed", type=int, default=0)
-    sweep.add_argument("--shard-size", type=int, default=64,
+    sweep.add_argument("--budgets", type=_floats, default=None, help="FLOPs fractions to remove (default 0.5,0.7)")
+    sweep.add_argument("--methods", type=_names, default=None, help="default fitprune,fastv,random")
+    sweep.add_argument("--calib-samples", type=int, default=None, help="default 16 (64 with --device cuda)")
+    sweep.add_argument("--eval-samples", type=int, default=None,
+                       help="per benchmark; default 40 (500 with --device cuda)")
+    sweep.add_argument("--batch-size", type=int, default=None, help="default 8 (32 with --device cuda)")
+    sweep.add_argument("--seed", type=int, default=None)
+    sweep.add_argument("--shard-size", type=int, default=None,
                        help="samples per statistics/evaluation shard; finished shards are reused on a re-run (default 64)")
-    sweep.add_argument("--source", default="demo-synthetic",
-                       help="sample source: 'demo' (synthetic inputs, default) or 'hf:/path/to/dataset' "
-                            "(a local Hugging Face datasets directory or file of processed inputs; needs `datasets`)")
+    sweep.add_argument("--source", default=None,
+                       help="calibration samples (default easy-vqa:train): easy-vqa:train|test, synthetic:train|val|test, "
+                            "<loader>:/path (pope, gqa, textvqa, vqav2, mme, mmbench, scienceqa, parquet), "
+                            "toy, or hf:/path (processed inputs; needs `datasets`)")
+    sweep.add_argument("--benchmarks", type=_names, default=None,
+                       help="evaluation sources, comma list (default easy-vqa:test,synthetic:test; for toy/hf: sources "
+                            "the source itself, scored by agreement with the unpruned model)")
+    sweep.add_argument("--model", default=None,
+                       help="demo (default), toy (random-weight tiny LLaVA, default for --source toy), "
+                            "or a local checkpoint directory")
+    sweep.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    sweep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="weights of the demo or local model (default bfloat16)")
+    sweep.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 6)")
     sweep.set_defaults(func=_cmd_sweep)
 
     pareto = sub.add_parser("pareto", help="print the Pareto-best recipes per checkpoint and benchmark")

@@ -58,17 +58,20 @@ def scan(watch_dir: str, data_root: str | None) -> list[dict]:
 @flow(name="fitprune-recalibrate", log_prints=True)
 def recalibrate(
     watch_dir: str | None = None,
-    calib_samples: int = 32,
-    eval_samples: int = 64,
-    budgets: list[float] = [0.3, 0.5, 0.7],  # noqa: B006
+    calib_samples: int = 16,
+    eval_samples: int = 40,
+    budgets: list[float] = [0.5, 0.7],  # noqa: B006
     methods: list[str] = list(METHODS),  # noqa: B006
-    batch_size: int = 16,
+    batch_size: int = 8,
     device: str = "cpu",
     data_root: str | None = None,
+    source: str = "easy-vqa:train",
+    benchmarks: list[str] | None = None,
 ) -> list[dict]:
     """Sweep (as a subflow) each checkpoint under ``watch_dir`` whose fingerprint has no recipes.
 
-    ``watch_dir``: default ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``.
+    ``watch_dir``: default ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``. Question
+    sources need checkpoints saved with their processor; ``source="toy"`` needs none.
     """
     logger = get_run_logger()
     watch_dir = watch_dir_for(watch_dir, data_root)
@@ -78,6 +81,6 @@ def recalibrate(
     for item in todo:
         result = sweep(checkpoint={"kind": "path", "path": item["path"]}, calib_samples=calib_samples,
                        eval_samples=eval_samples, budgets=budgets, methods=methods, batch_size=batch_size,
-                       device=device, data_root=data_root)
+                       device=device, data_root=data_root, source=source, benchmarks=benchmarks)
         done.append({"path": item["path"], "checkpoint": result["checkpoint"], "run_id": result["run_id"]})
     return done

@@ -12,16 +12,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.sweep import BENCHMARK, METHODS, SweepConfig, compose
+from flows.sweep import METHODS, SweepConfig, compose
 from tasks import steps
 from tasks import sweep as sweep_tasks
 
 
 def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device, data_root, seed,
-             convention="full", shard_size=64) -> tuple[SweepConfig, dict]:
+             convention="full", shard_size=64, source="easy-vqa:train", benchmarks=None) -> tuple[SweepConfig, dict]:
     """(config, model spec) from the flow's parameters; ValueError saying what is wrong otherwise."""
     config = SweepConfig(budgets=tuple(budgets), methods=tuple(methods), n_calib=calib_samples, n_eval=eval_samples,
-                         batch_size=batch_size, seed=seed, root=data_root, convention=convention, shard_size=shard_size)
+                         batch_size=batch_size, seed=seed, root=data_root, convention=convention, shard_size=shard_size,
+                         source=source, benchmarks=None if benchmarks is None else tuple(benchmarks))
     spec = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if isinstance(spec, dict) and device and "device" not in spec:
         spec["device"] = device
@@ -32,21 +33,24 @@ def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_si
 
 @flow(name="fitprune", log_prints=True, validate_parameters=True)
 def sweep(
-    checkpoint: dict[str, Any] | str = {"kind": "demo", "seed": 0},  # noqa: B006 (shown as the UI default)
-    calib_samples: int = 32,
-    eval_samples: int = 64,
-    budgets: list[float] = [0.3, 0.5, 0.7],  # noqa: B006
+    checkpoint: dict[str, Any] | str = {"kind": "demo"},  # noqa: B006 (shown as the UI default)
+    calib_samples: int = 16,
+    eval_samples: int = 40,
+    budgets: list[float] = [0.5, 0.7],  # noqa: B006
     methods: list[str] = list(METHODS),  # noqa: B006
-    batch_size: int = 16,
+    batch_size: int = 8,
     device: str = "cpu",
     data_root: str | None = None,
     seed: int = 0,
     shard_size: int = 64,
+    source: str = "easy-vqa:train",
+    benchmarks: list[str] | None = None,
 ) -> dict:
     """Calibrate → fit a budget grid per method → evaluate each recipe → Pareto front → artifacts.
 
-    ``checkpoint``: a model spec, ``{"kind": "demo", "seed": 0}`` or ``{"kind": "path", "path": DIR}``
-    (a bare string is a path). ``data_root``: default ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``.
+    ``checkpoint``: a model spec (``tasks.models``): ``{"kind": "demo"}``, ``{"kind": "toy", "seed": 0}``
+    or ``{"kind": "path", "path": DIR}`` (a bare string is a path). ``source``: calibration samples;
+    ``benchmarks``: evaluation sources (``tasks.sources``; default easy-vqa:test + synthetic:test). ``data_root``: default ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``.
     ``shard_size``: samples per statistics/evaluation shard; each shard is its own task run, and
     statistics shards already in the store are skipped. Returns the run id, checkpoint
     fingerprint and Pareto rows.
@@ -54,11 +58,11 @@ def sweep(
     from storage.root import data_root as resolve_root
 
     config, spec = validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device,
-                            data_root, seed, shard_size=shard_size)
+                            data_root, seed, shard_size=shard_size, source=source, benchmarks=benchmarks)
     config.root = str(resolve_root(config.root))  # resolved once, here, so every task writes the same place
     logger = get_run_logger()
     logger.info(f"model {spec}; data root {config.root}")
-    result = compose(config, spec, sweep_tasks, BENCHMARK)
+    result = compose(config, spec, sweep_tasks)
     sweep_tasks.publish_artifacts(result, str(Path(config.root) / "reports"))
     logger.info(f"run {result['run_id']}: {len(result['pareto_rows'])} Pareto-front rows for {result['checkpoint']}")
     return {"run_id": result["run_id"], "checkpoint": result["checkpoint"], "pareto_rows": result["pareto_rows"]}

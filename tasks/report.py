@@ -1,34 +1,55 @@
-"""Plain reporting of a sweep result: a markdown table and an optional matplotlib plot."""
+"""Plain reporting of a sweep result: text and markdown tables, and an optional matplotlib plot."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
-_COLUMNS = ("method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples")
+_PARETO = ("benchmark", "method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples")
 
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _summary_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for r in sorted(result["summary"], key=lambda r: (r["benchmark"], r["budget"] or 0.0, r["method"])):
+        rows.append([r["benchmark"], r["method"], _cell(r["budget"]), f"{r['flops_reduction']:.3f}",
+                     f"{r['metric']:.3f} ± {_cell(r['stderr'])}", str(r["n_samples"] - r["n_failed"]),
+                     str(r["n_failed"]), f"{r['wall_s']:.1f}"])
+    return rows
+
+
+_SUMMARY = ("benchmark", "method", "budget", "FLOPs removed", "metric ± stderr", "n", "failed", "seconds")
+
+
+def summary_text(result: dict) -> str:
+    """Every (benchmark, method, budget) of the run, aligned for a terminal."""
+    rows = [list(_SUMMARY)] + _summary_rows(result)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_SUMMARY))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def markdown_report(result: dict) -> str:
     """Pareto front and every evaluated recipe of a sweep result, as markdown."""
     lines = [f"# FitPrune sweep {result['run_id']}", "", f"Checkpoint `{result['checkpoint']}`", "",
-             "## Pareto front", "", "| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+             "## Pareto front", "", "| " + " | ".join(_PARETO) + " |", "|" + "---|" * len(_PARETO)]
     for row in result["pareto_rows"]:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in _COLUMNS) + " |")
-    cols = ("method", "recipe_id", "flops_reduction", "metric", "n_samples", "wall_s")
-    lines += ["", "## All evaluations", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in _PARETO) + " |")
+    lines += ["", "## All evaluations (metric ± binomial standard error)", "",
+              "| " + " | ".join(_SUMMARY) + " |", "|" + "---|" * len(_SUMMARY)]
+    for row in _summary_rows(result):
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_front(result: dict, out_dir: str) -> str | None:
-    """``<out_dir>/<run_id>-pareto.png`` (metric vs measured FLOPs reduction per method), or None without matplotlib."""
+    """``<out_dir>/<run_id>-pareto.png``: metric vs measured FLOPs reduction per method, one panel per
+    benchmark, unpruned at 0, error bars = standard error; None without matplotlib."""
     try:
         import matplotlib
 
@@ -36,17 +57,21 @@ def plot_front(result: dict, out_dir: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    by_method: dict[str, list[tuple[float, float]]] = {}
-    for row in result["rows"]:
-        by_method.setdefault(row["method"], []).append((row["flops_reduction"], row["metric"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, points in sorted(by_method.items()):
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xlabel("measured prefill FLOPs reduction")
-    ax.set_ylabel("agreement with the unpruned model")
-    ax.set_title(result["checkpoint"])
-    ax.legend()
+    benchmarks = sorted({r["benchmark"] for r in result["summary"]})
+    fig, axes = plt.subplots(1, len(benchmarks), figsize=(5.5 * len(benchmarks), 4), squeeze=False)
+    for ax, benchmark in zip(axes[0], benchmarks):
+        rows = [r for r in result["summary"] if r["benchmark"] == benchmark]
+        base = [r for r in rows if r["method"] == "none"]
+        for method in sorted({r["method"] for r in rows} - {"none"}):
+            points = sorted((r["flops_reduction"], r["metric"], r["stderr"]) for r in rows + base
+                            if r["method"] in (method, "none"))
+            xs, ys, es = zip(*points)
+            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=method)
+        ax.set_xlabel("measured prefill FLOPs reduction")
+        ax.set_ylabel(rows[0]["metric_name"] if rows else "metric")
+        ax.set_title(benchmark)
+        ax.legend()
+    fig.suptitle(result["checkpoint"], fontsize=9)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, f"{result['run_id']}-pareto.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")

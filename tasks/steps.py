@@ -1,24 +1,17 @@
 """The sweep's steps as plain functions over plain data (no Prefect here).
 
-Each step takes and returns JSON-able values — a *model spec*, a calibration-set description,
-recipe JSON, result dicts — so it can run as a Prefect task (``tasks.sweep``) or be called
-directly (``flows.sweep.run_sweep``, which is what ``fitprune sweep`` runs). A model never
-crosses a step boundary: every step that needs one calls ``load_model(spec)``, which builds or
-loads it once per process and caches it, keyed by the spec.
+Each step takes and returns JSON-able values — a *model spec* (``tasks.models``), a sample-set
+description (``tasks.sources``), recipe JSON, result dicts — so it can run as a Prefect task
+(``tasks.sweep``) or be called directly (``flows.sweep.run_sweep``, which is what ``fitprune
+sweep`` runs). A model never crosses a step boundary: every step that needs one calls
+``load_model(spec)``, which builds or loads it once per process.
 
-Model specs::
-
-    {"kind": "demo", "seed": 0}                 the interim demo model (flows/demo.py)
-    {"kind": "path", "path": "/ckpt/llava"}     a local Hugging Face checkpoint directory
-
-optionally with ``"device"`` (default ``"cpu"``). Samples come from a sample-set description
-``{"source": "demo-synthetic", "n": 32, "seed": 0, "split": "calib", "id": ..., "content_hash": ...}``
-made (and recorded in the store's ``calibration_sets``) by ``calibration_set``. Sources:
-``"demo-synthetic"`` (alias ``"demo"``; the interim synthetic inputs until real data lands, issue
-"Embedded default and evaluation") and ``"hf:<path>"`` (a local ``datasets`` directory or file of
-processed inputs; needs the optional ``datasets`` package). Statistics and evaluation run per
-shard (a sample range): ``collect_stats_shard`` skips shards already stored, ``evaluate_shard``
-writes one row per (run, recipe, shard).
+Sample sets ``{"source": "easy-vqa:train", "n": 16, "seed": 0, "split": "calib", "id": ...,
+"content_hash": ...}`` are made (and recorded in the store's ``calibration_sets``) by
+``calibration_set``. Statistics and evaluation run per shard (a sample range):
+``collect_stats_shard`` skips shards already stored; ``evaluate_shard`` writes one
+``evaluations`` row per (run, recipe, shard) and, for question sources, one ``predictions`` row
+per sample (the model's answer, or why the sample failed).
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-import threading
 import time
 from dataclasses import asdict
 
@@ -35,17 +27,20 @@ import torch
 
 import fitprune
 from fitprune import Recipe
-from fitprune.adapters import get_adapter
 from fitprune.baselines import fastv, for_budget, random_recipe
 from fitprune.calibration import CalibrationStats
-from fitprune.fingerprint import fingerprint
 from fitprune.fit import fit
 from fitprune.flops import ModelDims, prefill_flops
 from fitprune.stats import collect_stats
 from storage import catalog, store
 
+from . import sources
+from .models import LOCK as _LOCK
+from .models import MODEL_KINDS, describe_model, encoder_for, load_model, model_info, normalize_spec
+
 __all__ = [
-    "METHODS", "MODEL_KINDS", "SOURCES", "normalize_spec", "describe_model", "load_model", "model_info", "calibration_set",
+    "METHODS", "MODEL_KINDS", "SOURCES", "normalize_spec", "describe_model", "encoder_for", "load_model", "model_info",
+    "calibration_set",
     "load_samples", "shard_ranges", "content_hash", "record_calibration_set", "calibration_stats",
     "collect_stats_shard", "collect_statistics", "evaluate_shard", "combine_shards", "fit_budgets", "method_recipes",
     "method_recipe_jsons", "recipe_id", "evaluate", "evaluate_recipe", "recipe_row", "eval_row",
@@ -53,16 +48,17 @@ __all__ = [
 ]
 
 METHODS = ("fitprune", "fastv", "random")
-MODEL_KINDS = ("demo", "path")
-SOURCES = ("demo-synthetic", "hf:<path>")  # "demo" is an alias of "demo-synthetic"
+SOURCES = sources.HELP
 
-_MODELS: dict[str, torch.nn.Module] = {}
 _REFERENCE: dict[str, list[torch.Tensor]] = {}
-_LOCK = threading.RLock()  # tasks may run in threads of one process: build each model once
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _dims(info: dict) -> ModelDims:
+    return ModelDims(**info["dims"])
 
 
 def versions() -> dict:
@@ -71,154 +67,15 @@ def versions() -> dict:
     return {"fitprune": fitprune.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-# --- models ----------------------------------------------------------------------------------
-
-
-def normalize_spec(spec) -> dict:
-    """A validated copy of a model spec (see the module docstring); raises ValueError otherwise."""
-    if isinstance(spec, str):
-        try:
-            spec = json.loads(spec)
-        except json.JSONDecodeError:
-            spec = {"kind": "path", "path": spec}  # a bare string is a checkpoint directory
-    if not isinstance(spec, dict):
-        raise ValueError(f"a model spec is a dict such as {{'kind': 'demo', 'seed': 0}}; got {spec!r}")
-    kind = spec.get("kind")
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"model spec kind {kind!r} is not known; use one of {', '.join(MODEL_KINDS)} "
-                         "({'kind': 'demo', 'seed': 0} or {'kind': 'path', 'path': '/dir/with/config.json'})")
-    out = {"kind": kind, "device": str(spec.get("device") or "cpu")}
-    if kind == "demo":
-        seed = spec.get("seed", 0)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"demo model spec: seed must be an integer, got {seed!r}")
-        out["seed"] = seed
-    else:
-        from pathlib import Path
-
-        path = spec.get("path")
-        if not path or not (Path(path) / "config.json").is_file():
-            raise ValueError(f"model spec path {path!r} is not a checkpoint directory (it needs a config.json); "
-                             "pass {'kind': 'path', 'path': '/dir/with/config.json'}")
-        out["path"] = str(Path(path).resolve())
-    unknown = sorted(set(spec) - {"kind", "device", "seed", "path"})
-    if unknown:
-        raise ValueError(f"model spec: unknown key(s) {unknown}; allowed: kind, device, seed (demo), path (path)")
-    dev = out["device"]
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {dev!r} asked for, but CUDA is not available here; use device 'cpu'")
-    return out
-
-
-def _key(value) -> str:
-    return json.dumps(value, sort_keys=True)
-
-
-def load_model(spec) -> torch.nn.Module:
-    """The model for ``spec``, built or loaded once per process (eval mode, on the spec's device)."""
-    spec = normalize_spec(spec)
-    key = _key(spec)
-    with _LOCK:
-        if key not in _MODELS:
-            if spec["kind"] == "demo":
-                from flows import demo  # interim demo model; goes with issue "Embedded default and evaluation"
-
-                model = demo.demo_model(spec["seed"])
-            else:
-                _log(f"model: loading {spec['path']}")
-                model = _load_local(spec["path"])
-            _MODELS[key] = model.to(spec["device"]).eval()
-        return _MODELS[key]
-
-
-def describe_model(spec) -> str:
-    """One line saying what the spec's model is (logged by every sweep)."""
-    spec = normalize_spec(spec)
-    if spec["kind"] == "demo":
-        return (f"model: interim demo, seed {spec['seed']} (seeded random-weight tiny LLaVA, synthetic images) "
-                "— agreement, not accuracy")
-    return f"model: {spec['path']} on {spec['device']}"
-
-
-def _load_local(path: str) -> torch.nn.Module:
-    """A local checkpoint: image-text-to-text class first, then vision-to-sequence, then causal LM."""
-    import transformers
-
-    errors = []
-    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            continue
-        try:
-            return cls.from_pretrained(path, local_files_only=True)
-        except (ValueError, KeyError, OSError) as err:
-            errors.append(f"{name}: {err}")
-    raise ValueError(f"cannot load {path} with transformers: " + "; ".join(errors))
-
-
-def model_info(spec) -> dict:
-    """Checkpoint fingerprint, family and text dims (as a dict) of the spec's model.
-
-    A path spec is fingerprinted from its files (what ``flows.recalibrate`` looks up); a demo
-    model from its live weights.
-    """
-    spec = normalize_spec(spec)
-    model = load_model(spec)
-    adapter = get_adapter(model)
-    dims = ModelDims.from_config(adapter.text_config(model))
-    checkpoint = fingerprint(spec["path"]) if spec["kind"] == "path" else fingerprint(model)
-    return {"checkpoint": checkpoint, "family": adapter.family, "dims": asdict(dims)}
-
-
-def _dims(info: dict) -> ModelDims:
-    return ModelDims(**info["dims"])
-
-
 # --- data ------------------------------------------------------------------------------------
 #
-# A sample source is a string: "demo-synthetic" (alias "demo"; the interim synthetic inputs) or
-# "hf:<path>" (a local Hugging Face ``datasets`` directory saved with ``save_to_disk``, or a
-# .parquet/.json/.jsonl/.csv/.arrow file, holding already-processed model inputs: ``input_ids``,
-# ``pixel_values`` and optionally ``attention_mask``/``image_sizes``/``id``). Each source
-# provides ``_load_range(desc, start, end, batch_size)``: samples ``start..end-1`` of the set in
-# calibration order, so shards load only their own samples. Add a source in ``_source_of`` and
-# ``_load_range``.
+# Sources are described in ``tasks.sources``. Question sources (easy-vqa, synthetic, benchmark
+# folders) become model inputs through the model's encoder; input sources (toy, hf:) are inputs
+# already. Either way ``load_samples`` returns batches ``{input_ids, attention_mask, pixel_values,
+# ..., "sample_ids": [...]}``, samples ``start..end-1`` of the set in calibration order.
 
 
-def _source_of(source: str) -> tuple[str, str | None]:
-    """(kind, path) of a source string; ValueError naming the accepted forms otherwise."""
-    if source in ("demo", "demo-synthetic"):
-        return "demo", None
-    if isinstance(source, str) and source.startswith("hf:") and source[3:].strip():
-        from pathlib import Path
-
-        return "hf", str(Path(source[3:].strip()).expanduser().resolve())
-    raise ValueError(f"sample source {source!r} is not known; use 'demo' (synthetic inputs) or "
-                     "'hf:/path/to/dataset' (a local Hugging Face datasets directory or file)")
-
-
-def _safe(text: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
-
-
-def _describe(n: int, seed: int, split: str, source: str) -> dict:
-    """The set's description; its id is derived from (source, split, n, seed) only."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"a sample set needs a positive integer sample count, got {n!r}")
-    kind, path = _source_of(source)
-    if kind == "demo":
-        source = "demo-synthetic"
-        # "demo-<n>-s<seed>" is the id the store already holds for demo calibration statistics
-        calib_id = f"demo-{n}-s{seed}" if split == "calib" else f"demo-synthetic-{_safe(split)}-{n}-s{seed}"
-    else:
-        source = "hf:" + path
-        calib_id = f"hf-{hashlib.sha256(path.encode()).hexdigest()[:12]}-{_safe(split)}-{n}-s{seed}"
-    return {"source": source, "split": split, "n": int(n), "seed": int(seed), "id": calib_id}
-
-
-def calibration_set(n: int, seed: int, split: str = "calib", source: str = "demo-synthetic", root=None,
+def calibration_set(n: int, seed: int, split: str = "calib", source: str = "easy-vqa:train", root=None,
                     record: bool = True) -> dict:
     """Describe a sample set and (``record``) record it in the store's ``calibration_sets``.
 
@@ -226,18 +83,21 @@ def calibration_set(n: int, seed: int, split: str = "calib", source: str = "demo
     per (id, content): a re-run finds it; a source whose content changed under the same id is an
     error, since statistics keyed by that id would be stale.
     """
-    desc = _describe(n, seed, split, source)
+    desc = sources.describe(n, seed, split, source)
     if record:
         desc["content_hash"] = record_calibration_set(desc, root)
     return desc
 
 
 def content_hash(desc: dict, batch_size: int = 16) -> tuple[str, list[str]]:
-    """SHA-256 over the samples' ids and input bytes (input_ids, pixel tensors), in order; and the ids."""
+    """SHA-256 over the set's samples in order (ids and input bytes, or ids, questions, answers and
+    image bytes for question sources); and the ids."""
+    if sources.is_question_source(desc["source"]):
+        return sources.question_hash(desc)
     h = hashlib.sha256()
     ids: list[str] = []
     for start in range(0, desc["n"], max(batch_size, 1) * 4):
-        for batch in _load_range(desc, start, min(desc["n"], start + max(batch_size, 1) * 4), batch_size):
+        for batch in _input_range(desc, start, min(desc["n"], start + max(batch_size, 1) * 4), batch_size):
             mask = batch.get("attention_mask")
             pixel_keys = sorted(k for k in batch if k.startswith("pixel") and torch.is_tensor(batch[k]))
             for i, sid in enumerate(batch["sample_ids"]):
@@ -271,15 +131,32 @@ def record_calibration_set(desc: dict, root) -> str:
     return digest
 
 
-def _load_range(desc: dict, start: int, end: int, batch_size: int) -> list[dict]:
-    kind, path = _source_of(desc["source"])
+def _input_range(desc: dict, start: int, end: int, batch_size: int) -> list[dict]:
+    src = sources.parse(desc["source"])
     if not 0 <= start <= end <= desc["n"]:
         raise ValueError(f"sample range {start}-{end} is outside the set's {desc['n']} samples")
-    if kind == "demo":
-        from flows import demo  # interim synthetic inputs; go with issue "Embedded default and evaluation"
+    if src.kind == "toy":
+        from flows import toy
 
-        return demo.demo_batches(end, batch_size, desc["seed"], desc["split"], start=start)
-    return _hf_range(path, desc, start, end, batch_size)
+        return toy.toy_batches(end, batch_size, desc["seed"], desc["split"], start=start)
+    return _hf_range(src.arg, desc, start, end, batch_size)
+
+
+def _question_range(spec, desc: dict, start: int, end: int, batch_size: int) -> list[dict]:
+    """Encode question samples with the model's encoder; a sample that cannot be encoded is an error
+    here (calibration needs every sample), unlike in evaluation where it is a recorded failure."""
+    from fitprune.evaluation.harness import collate, encode_sample
+
+    encoder = encoder_for(spec)
+    samples = sources.question_samples(desc, start, end)
+    batches = []
+    for first in range(0, len(samples), batch_size):
+        chunk = samples[first:first + batch_size]
+        encoded = [encode_sample(s, encoder, load_model(spec)) for s in chunk]
+        batch = collate(encoded, encoder.pad_token_id)
+        batch["sample_ids"] = [str(s.id) for s in chunk]
+        batches.append(batch)
+    return batches
 
 
 def _hf_dataset(path: str, split: str):
@@ -287,7 +164,7 @@ def _hf_dataset(path: str, split: str):
         import datasets
     except ImportError:
         raise ValueError(f"sample source 'hf:{path}' needs the Hugging Face `datasets` package, which is not "
-                         "installed here (pip install datasets); or use source 'demo'") from None
+                         "installed here (pip install datasets); or use another source") from None
     from pathlib import Path
 
     p = Path(path)
@@ -337,9 +214,17 @@ def _hf_range(path: str, desc: dict, start: int, end: int, batch_size: int) -> l
 
 
 def load_samples(sample_set: dict, batch_size: int, device: str = "cpu", start: int = 0,
-                 end: int | None = None) -> list[dict]:
-    """Samples ``start..end-1`` of the set (default: all) as model-input batches on ``device``."""
-    batches = _load_range(sample_set, start, sample_set["n"] if end is None else end, batch_size)
+                 end: int | None = None, spec=None) -> list[dict]:
+    """Samples ``start..end-1`` of the set (default: all) as model-input batches on ``device``.
+
+    Question sources are encoded by ``spec``'s model (required for them)."""
+    end = sample_set["n"] if end is None else end
+    if sources.is_question_source(sample_set["source"]):
+        if spec is None:
+            raise ValueError(f"source {sample_set['source']!r} holds questions: pass the model spec to encode them")
+        batches = _question_range(spec, sample_set, start, end, batch_size)
+    else:
+        batches = _input_range(sample_set, start, end, batch_size)
     if device != "cpu":
         batches = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     return batches
@@ -350,6 +235,7 @@ def shard_ranges(n: int, shard_size: int) -> list[list[int]]:
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     return [[s, min(n, s + shard_size)] for s in range(0, n, shard_size)]
+
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -400,7 +286,7 @@ def collect_stats_shard(spec, calib: dict, checkpoint: str, start: int, end: int
     t0 = time.perf_counter()
     spec = normalize_spec(spec)
     model = load_model(spec)
-    batches = load_samples(calib, batch_size, spec["device"], start, end)
+    batches = load_samples(calib, batch_size, spec["device"], start, end, spec=spec)
     with _LOCK:  # statistics hooks are per model: one collection at a time per process
         stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib["id"])
     tokens, layers = stats.to_arrow()
@@ -543,35 +429,84 @@ def evaluate_recipe(spec, info: dict, eval_set: dict, recipe_json: str | None, b
         return evaluate(model, batches, recipe, _REFERENCE[key], _dims(info))
 
 
+def _key(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def evaluate_questions(spec, model, eval_set: dict, recipe: Recipe | None, start: int, end: int, batch_size: int,
+                       max_new_tokens: int = 8) -> tuple[dict, list]:
+    """Answers to question samples ``start..end-1`` (harness: batched greedy generation, failures
+    recorded), scored with the benchmark's metric; FLOPs from the executed token counts."""
+    from fitprune.evaluation.harness import generate_answers, score
+
+    t0 = time.perf_counter()
+    samples = sources.question_samples(eval_set, start, end)
+    preds = generate_answers(model, encoder_for(spec), samples, recipe=recipe, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens)
+    metric = sources.metric_for(eval_set["source"])
+    summary = score(preds, metric)
+    ran = [p for p in preds if p.prefill_flops is not None]
+    full = sum(p.prefill_flops_full for p in ran)
+    pruned = sum(p.prefill_flops for p in ran)
+    value = summary.get("accuracy", summary["value"]) if metric == "pope" else summary["value"]
+    result = {
+        "metric": 0.0 if summary["n_scored"] == 0 else float(value), "metric_name": metric,
+        "n_samples": len(preds), "n_failed": summary["n_failed"],
+        "flops_reduction": 1.0 - pruned / full if full else 0.0,
+        "prefill_flops": pruned / len(ran) if ran else 0.0,
+        "wall_s": time.perf_counter() - t0,
+    }
+    return result, preds
+
+
 def evaluate_shard(spec, info: dict, eval_set: dict, recipe_json: str | None, start: int, end: int,
-                   batch_size: int, run_id: str, method: str, benchmark: str, root) -> dict:
+                   batch_size: int, run_id: str, method: str, benchmark: str, root, max_new_tokens: int = 8) -> dict:
     """Evaluate one recipe (``None``: unpruned) on samples ``start..end-1``; write and return its row.
 
-    The ``evaluations`` row's write id is ``<run>-<recipe>-<start>-<end>``, so a retried shard
-    writes once; ``evaluation_summary`` (SQL) combines a recipe's shards.
+    Question sources: generated answers scored with the benchmark's metric, one ``predictions`` row
+    per sample; input sources: next-token agreement with the unpruned model. The ``evaluations``
+    row's write id is ``<run>-<set id>-<recipe>-<start>-<end>``, so a retried shard writes once;
+    ``evaluation_summary`` (SQL) combines a recipe's shards.
     """
+    from fitprune.evaluation.harness import sample_score, to_rows
+
     spec = normalize_spec(spec)
     model = load_model(spec)
-    batches = load_samples(eval_set, batch_size, spec["device"], start, end)
-    key = _key([spec, eval_set, batch_size, start, end])
-    with _LOCK:  # pruning hooks are per model: one evaluation at a time per process
-        if key not in _REFERENCE:
-            _REFERENCE[key] = reference_tokens(model, batches)
-        recipe = None if recipe_json is None else Recipe.from_dict(json.loads(recipe_json))
-        result = evaluate(model, batches, recipe, _REFERENCE[key], _dims(info))
+    recipe = None if recipe_json is None else Recipe.from_dict(json.loads(recipe_json))
     rid = "none" if recipe is None else recipe_id(recipe)
+    write_id = f"{run_id}-{eval_set['id']}-{rid}-{start}-{end}"  # one per (run, benchmark set, recipe, shard)
+    if sources.is_question_source(eval_set["source"]):
+        with _LOCK:  # pruning hooks are per model: one evaluation at a time per process
+            result, preds = evaluate_questions(spec, model, eval_set, recipe, start, end, batch_size, max_new_tokens)
+        metric = result["metric_name"]
+        rows = to_rows(preds, run_id=run_id, recipe_id=rid, checkpoint=info["checkpoint"], method=method,
+                       benchmark=benchmark, shard=f"{start}-{end}")
+        for row, pred in zip(rows, preds):
+            row["score"] = sample_score(pred, metric)
+        store.write_rows("predictions", rows, root=root, write_id=write_id)
+    else:
+        batches = load_samples(eval_set, batch_size, spec["device"], start, end)
+        key = _key([spec, eval_set, batch_size, start, end])
+        with _LOCK:
+            if key not in _REFERENCE:
+                _REFERENCE[key] = reference_tokens(model, batches)
+            result = evaluate(model, batches, recipe, _REFERENCE[key], _dims(info))
     row = eval_row(result, run_id, rid, info["checkpoint"], method, benchmark, versions())
     row["shard"] = f"{start}-{end}"
-    store.write_rows("evaluations", [row], root=root, write_id=f"{run_id}-{rid}-{start}-{end}")
+    store.write_rows("evaluations", [row], root=root, write_id=write_id)
     return row
 
 
 def combine_shards(rows: list[dict]) -> dict:
-    """One recipe's shard rows as one result: sample-weighted metric and FLOPs, summed samples and time."""
+    """One recipe's shard rows as one result: metric weighted by scored samples, FLOPs by samples."""
     n = sum(r["n_samples"] for r in rows)
+    scored = [(r["n_samples"] - r.get("n_failed", 0), r) for r in rows]
+    n_scored = sum(k for k, _ in scored)
     return {
-        "metric": sum(r["metric"] * r["n_samples"] for r in rows) / n,
+        "metric": sum(r["metric"] * k for k, r in scored) / n_scored if n_scored else 0.0,
+        "metric_name": rows[0].get("metric_name", "agreement"),
         "n_samples": n,
+        "n_failed": sum(r.get("n_failed", 0) for r in rows),
         "flops_reduction": sum(r["flops_reduction"] * r["n_samples"] for r in rows) / n,
         "prefill_flops": sum(r["prefill_flops"] * r["n_samples"] for r in rows) / n,
         "wall_s": sum(r["wall_s"] for r in rows),
@@ -592,8 +527,9 @@ def recipe_row(recipe: Recipe, method: str, family: str, run_id: str, convention
 
 
 def eval_row(result: dict, run_id: str, rid: str, checkpoint: str, method: str, benchmark: str, vers: dict) -> dict:
+    result = {"n_failed": 0, "metric_name": "agreement", **result}
     return dict(run_id=run_id, recipe_id=rid, checkpoint=checkpoint, method=method, benchmark=benchmark,
-                n_failed=0, metric_name="agreement", shard=f"0-{result['n_samples']}", versions=vers, **result)
+                shard=f"0-{result['n_samples']}", versions=vers, **result)
 
 
 def write_results(run_id: str, recipe_rows: list[dict], eval_rows: list[dict], parameters: dict, started: float,

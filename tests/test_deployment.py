@@ -122,7 +122,7 @@ def test_sweep_deployment_runs_on_a_worker(prefect_env):
     automations = run("automation", "ls")  # the recalibrate deployment's event trigger
     assert "recalibrate" in automations.stdout, automations.stdout
     start("worker", "worker", "start", "--pool", "fitprune-pool")
-    params = ["-p", "calib_samples=4", "-p", "eval_samples=4", "-p", "batch_size=4", "-p", "budgets=[0.5]",
+    params = ["-p", 'checkpoint={"kind": "toy", "seed": 0}', "-p", "source=toy", "-p", "calib_samples=4", "-p", "eval_samples=4", "-p", "batch_size=4", "-p", "budgets=[0.5]",
               "-p", 'methods=["fitprune","fastv"]', "-p", f"data_root={data_root}"]
     try:
         watched = run("deployment", "run", "fitprune/sweep", *params, "--watch", "--watch-timeout", "240",

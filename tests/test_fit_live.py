@@ -1,5 +1,5 @@
 """Fitting on a live model: fitted recipes meet their budget when applied; statistical vs
-progressive fit; refine. Uses the interim demo model (8 layers, 144 visual tokens)."""
+progressive fit; refine. Uses the toy model (8 layers, 144 visual tokens)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from fitprune.fit import fit, walk
 from fitprune.flops import ModelDims, prefill_flops
 from fitprune.progressive import fit_progressive, progressive_walk, refine
 from fitprune.stats import collect_stats
-from flows.demo import demo_batches, demo_model
+from flows.toy import toy_batches, toy_model
 
 N_VISUAL = 144
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = demo_model(0)
-    batches = demo_batches(8, 8, 0, "cal")
+    model = toy_model(0)
+    batches = toy_batches(8, 8, 0, "cal")
     stats = collect_stats(model, batches)
     return model, batches, stats, ModelDims.from_config(model.config.text_config)
 

@@ -9,19 +9,19 @@ import re
 
 import pytest
 
-from flows import demo
+from flows import toy
 from flows.sweep import SweepConfig, compose
 from flows.sweep_flow import validate
 from tasks import steps
 from tasks.report import markdown_report, plot_front
 
-TINY = dict(calib_samples=4, eval_samples=4, budgets=[0.5], methods=["fitprune", "fastv"], batch_size=4)
+TINY = dict(calib_samples=4, eval_samples=4, budgets=[0.5], methods=["fitprune", "fastv"], batch_size=4, source="toy")
 
 
 def test_steps_compose_without_prefect(tmp_path):
     config = SweepConfig(budgets=(0.5,), methods=("fitprune", "random"), n_calib=4, n_eval=4, batch_size=4,
-                         root=str(tmp_path))
-    result = compose(config, {"kind": "demo", "seed": 0})
+                         root=str(tmp_path), source="toy")
+    result = compose(config, {"kind": "toy", "seed": 0})
     assert {r["method"] for r in result["rows"]} == {"none", "fitprune", "random"}
     assert result["pareto_rows"] and all(r["checkpoint"] == result["checkpoint"] for r in result["pareto_rows"])
     json.dumps(result)  # only plain data crosses step boundaries
@@ -29,16 +29,17 @@ def test_steps_compose_without_prefect(tmp_path):
     assert "## Pareto front" in md and result["run_id"] in md
     png = plot_front(result, str(tmp_path / "reports"))  # None without matplotlib
     assert png is None or png.endswith(".png")
-    again = steps.collect_statistics({"kind": "demo"}, steps.calibration_set(4, 0, root=tmp_path), result["checkpoint"], 4,
-                                    tmp_path)
+    again = steps.collect_statistics({"kind": "toy"}, steps.calibration_set(4, 0, source="toy", root=tmp_path),
+                                    result["checkpoint"], 4, tmp_path)
     assert again["reused"] is True
 
 
 def test_parameters_are_validated_with_clear_messages(tmp_path):
-    args = dict(checkpoint={"kind": "demo", "seed": 0}, calib_samples=4, eval_samples=4, budgets=[0.5],
-                methods=["fitprune"], batch_size=4, device="cpu", data_root=str(tmp_path), seed=0)
+    args = dict(checkpoint={"kind": "toy", "seed": 0}, calib_samples=4, eval_samples=4, budgets=[0.5],
+                methods=["fitprune"], batch_size=4, device="cpu", data_root=str(tmp_path), seed=0, source="toy")
     config, spec = validate(**args)
-    assert config.budgets == (0.5,) and spec == {"kind": "demo", "seed": 0, "device": "cpu"}
+    assert config.budgets == (0.5,) and spec == {"kind": "toy", "seed": 0, "device": "cpu"}
+    assert config.benchmarks == ("toy",)
     for change, message in [
         (dict(budgets=[1.5]), "budgets must lie in (0, 1)"),
         (dict(budgets=[]), "budgets is empty"),
@@ -46,7 +47,10 @@ def test_parameters_are_validated_with_clear_messages(tmp_path):
         (dict(calib_samples=0), "calib must be a positive integer"),
         (dict(checkpoint={"kind": "hub"}), "kind 'hub' is not known"),
         (dict(checkpoint={"kind": "path", "path": str(tmp_path / "nope")}), "not a checkpoint directory"),
-        (dict(checkpoint={"kind": "demo", "sede": 1}), "unknown key"),
+        (dict(checkpoint={"kind": "toy", "sede": 1}), "unknown key"),
+        (dict(checkpoint={"kind": "demo", "dtype": "int8"}), "dtype 'int8'"),
+        (dict(source="easy-vqa:dev"), "easy-vqa has splits"),
+        (dict(benchmarks=["nope"]), "not known"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             validate(**{**args, **change})
@@ -65,7 +69,7 @@ def test_recalibrate_finds_new_checkpoints(tmp_path):
 
     watch = tmp_path / "watch"
     (watch / "not-a-checkpoint").mkdir(parents=True)
-    demo.demo_model(0).save_pretrained(watch / "ckpt-a")
+    toy.toy_model(0).save_pretrained(watch / "ckpt-a")
     paths = find_checkpoints(str(watch))
     assert paths == [str(watch / "ckpt-a")]
     todo = checkpoints_without_recipes(paths, str(tmp_path / "data"))
@@ -89,11 +93,11 @@ def test_flows_in_a_test_harness(harness, tmp_path):
     from storage import catalog
 
     data = str(tmp_path / "data")
-    result = sweep(**TINY, data_root=data)
+    result = sweep(**TINY, checkpoint={"kind": "toy", "seed": 0}, data_root=data)
     assert result["pareto_rows"]
 
     watch = tmp_path / "watch"
-    demo.demo_model(1).save_pretrained(watch / "ckpt-b")  # a "new checkpoint" on disk
+    toy.toy_model(1).save_pretrained(watch / "ckpt-b")  # a "new checkpoint" on disk
     done = recalibrate(watch_dir=str(watch), data_root=data, **TINY)
     assert [d["path"] for d in done] == [str(watch / "ckpt-b")]
     checkpoints = catalog.query("SELECT DISTINCT checkpoint FROM recipes", root=data).column("checkpoint").to_pylist()

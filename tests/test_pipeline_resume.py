@@ -20,11 +20,11 @@ from storage import catalog, store
 from tasks import steps
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS, VISUAL = 8, 144  # the interim demo model: decoder layers, visual tokens per sample
+LAYERS, VISUAL = 8, 144  # the toy model: decoder layers, visual tokens per sample
 
 
 def _sweep_cmd(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "--data-root", str(root), "sweep", "--budgets", "0.5",
+    return [sys.executable, "-m", "flows.cli", "--data-root", str(root), "sweep", "--source", "toy", "--budgets", "0.5",
             "--methods", "fitprune,fastv", "--batch-size", "4", "--shard-size", "4", *extra]
 
 
@@ -57,15 +57,15 @@ def _assert_stats_exact(root: Path, n: int) -> None:
 
 
 def test_calibration_set_is_recorded_once_with_a_content_hash(tmp_path):
-    a = steps.calibration_set(6, 0, root=tmp_path)
-    b = steps.calibration_set(6, 0, "calib", "demo", root=tmp_path)  # "demo" is the same source
-    assert a == b and a["id"] == "demo-6-s0" and re.fullmatch(r"[0-9a-f]{64}", a["content_hash"])
+    a = steps.calibration_set(6, 0, source="toy", root=tmp_path)
+    b = steps.calibration_set(6, 0, "calib", "demo-synthetic", root=tmp_path)  # the toy source's former name
+    assert a == b and a["id"] == "toy-calib-6-s0" and re.fullmatch(r"[0-9a-f]{64}", a["content_hash"])
     rows = store.read_table("calibration_sets", tmp_path).to_pylist()
     assert len(rows) == 1
     row = rows[0]
-    assert (row["source"], row["split"], row["n_samples"], row["seed"]) == ("demo-synthetic", "calib", 6, 0)
+    assert (row["source"], row["split"], row["n_samples"], row["seed"]) == ("toy", "calib", 6, 0)
     assert row["sample_ids"] == [f"calib-{i}" for i in range(6)]
-    assert steps.calibration_set(6, 1, root=tmp_path)["content_hash"] != a["content_hash"]
+    assert steps.calibration_set(6, 1, source="toy", root=tmp_path)["content_hash"] != a["content_hash"]
     assert steps.content_hash(a, batch_size=4)[0] == a["content_hash"]  # independent of batching
 
 
@@ -83,8 +83,8 @@ def test_unknown_or_unavailable_sources_fail_clearly(tmp_path):
 
 def test_shards_are_written_separately_and_combined(tmp_path):
     config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=6, n_eval=6, batch_size=2, shard_size=4,
-                         root=str(tmp_path))
-    result = compose(config, {"kind": "demo", "seed": 0})
+                         root=str(tmp_path), source="toy")
+    result = compose(config, {"kind": "toy", "seed": 0})
     assert steps.shard_ranges(6, 4) == [[0, 4], [4, 6]]
     assert len(_token_parts(tmp_path)) == 2
     assert sorted(r["shard"] for r in result["rows"]) == ["0-4", "0-4", "4-6", "4-6"]
@@ -146,3 +146,13 @@ def test_two_sweeps_at_once_on_one_data_root(tmp_path):
     assert sorted(store.read_table("runs", root).column("run_id").to_pylist()) == run_ids
     assert store.read_table("calibration_sets", root).num_rows == 2  # calib and eval sets, once each
     _assert_stats_exact(root, n)
+
+
+def test_each_benchmark_writes_its_own_rows(tmp_path):
+    """Two evaluation sets, same run, recipe and sample range: two rows (the write id names the set)."""
+    spec = {"kind": "toy", "seed": 0}
+    info = steps.model_info(spec)
+    rows = [steps.evaluate_shard(spec, info, steps.calibration_set(4, seed, "eval", "toy", root=tmp_path), None, 0, 4,
+                                 4, "run-x", "none", f"toy-{seed}", tmp_path) for seed in (1, 2)]
+    stored = store.read_table("evaluations", tmp_path).to_pylist()
+    assert sorted(r["benchmark"] for r in stored) == ["toy-1", "toy-2"] and len(rows) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main
-from flows.demo import demo_batches
+from flows.toy import toy_batches
 from storage import store
 
 datasets = pytest.importorskip("datasets", reason="the 'hf:' source needs the `datasets` package")
@@ -13,7 +13,7 @@ datasets = pytest.importorskip("datasets", reason="the 'hf:' source needs the `d
 
 def _save_processed_inputs(path, n: int, uneven: bool) -> None:
     rows = []
-    for batch in demo_batches(n, n, 7, "x"):
+    for batch in toy_batches(n, n, 7, "x"):
         for i, name in enumerate(batch["sample_ids"]):
             ids = batch["input_ids"][i].tolist()
             if uneven and i % 2:  # a shorter question: the source must left-pad
@@ -24,7 +24,7 @@ def _save_processed_inputs(path, n: int, uneven: bool) -> None:
 
 def test_sweep_on_a_local_datasets_directory(tmp_path, capsys):
     _save_processed_inputs(tmp_path / "ds", 12, uneven=True)
-    args = ["--data-root", str(tmp_path / "root"), "sweep", "--source", f"hf:{tmp_path / 'ds'}",
+    args = ["--data-root", str(tmp_path / "root"), "sweep", "--model", "toy", "--source", f"hf:{tmp_path / 'ds'}",
             "--budgets", "0.5", "--methods", "fitprune,fastv", "--calib-samples", "6", "--eval-samples", "6",
             "--batch-size", "3", "--shard-size", "3"]
     assert main(args) == 0
@@ -39,7 +39,7 @@ def test_sweep_on_a_local_datasets_directory(tmp_path, capsys):
 
 def test_missing_columns_are_a_clear_error(tmp_path, capsys):
     datasets.Dataset.from_list([{"text": "hi"}]).save_to_disk(str(tmp_path / "bad"))
-    args = ["--data-root", str(tmp_path / "root"), "sweep", "--source", f"hf:{tmp_path / 'bad'}",
+    args = ["--data-root", str(tmp_path / "root"), "sweep", "--model", "toy", "--source", f"hf:{tmp_path / 'bad'}",
             "--calib-samples", "1", "--eval-samples", "1"]
     assert main(args) == 1
     assert "lacks column(s)" in capsys.readouterr().err
@@ -49,10 +49,14 @@ def test_plot_artifact_is_written_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     from tasks.report import plot_front
 
-    result = {"run_id": "run-x", "checkpoint": "fp-test", "rows": [
-        {"method": "none", "flops_reduction": 0.0, "metric": 1.0},
-        {"method": "fitprune", "flops_reduction": 0.5, "metric": 0.6},
-        {"method": "fastv", "flops_reduction": 0.5, "metric": 0.5},
+    def row(benchmark, method, budget, red, metric):
+        return {"benchmark": benchmark, "method": method, "budget": budget, "flops_reduction": red,
+                "metric_name": "exact_match", "metric": metric, "stderr": 0.05, "n_samples": 40, "n_failed": 0,
+                "wall_s": 1.0}
+
+    result = {"run_id": "run-x", "checkpoint": "fp-test", "summary": [
+        row(b, m, budget, red, metric) for b in ("easy-vqa:test", "synthetic:test")
+        for m, budget, red, metric in (("none", None, 0.0, 1.0), ("fitprune", 0.5, 0.5, 0.6), ("fastv", 0.5, 0.5, 0.5))
     ]}
     path = plot_front(result, str(tmp_path))
     assert path and path.endswith(".png")

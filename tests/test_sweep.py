@@ -12,12 +12,12 @@ from storage import catalog, store
 
 
 def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
-    args = ["--data-root", str(tmp_path), "sweep", "--budgets", "0.4,0.7", "--calib-samples", "8",
+    args = ["--data-root", str(tmp_path), "sweep", "--source", "toy", "--budgets", "0.4,0.7", "--calib-samples", "8",
             "--eval-samples", "8", "--batch-size", "8"]
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "Pareto front" in out and "none" in out
-    assert "interim demo" in err  # says what it ran
+    assert "model: toy" in err and "8 samples each of toy" in err  # says what it ran
     evals = store.read_table("evaluations", tmp_path)
     assert sorted(set(evals.column("method").to_pylist())) == ["fastv", "fitprune", "none", "random"]
     for row in evals.to_pylist():

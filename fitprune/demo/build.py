@@ -27,7 +27,7 @@ from .sources import LANGUAGE, VISION, MissingPartError, Source, require, sha256
 __all__ = ["CHAT_END", "CHECKPOINT_NAME", "DemoProcessor", "build_demo_model", "load_language_model"]
 
 CHECKPOINT_NAME = "fitprune-demo-llava-dinov2s-smollm2-135m"
-FORMAT_VERSION = 3  # 2: records the adapter merged into the checkpoint; 3: stops at the chat end
+FORMAT_VERSION = 4  # 2: records the adapter; 3: stops at the chat end; 4: no GGUF quantization_config
 IMAGE_TOKEN = "<image>"
 CHAT_END = "<|im_end|>"  # SmolLM2's end of a chat turn: an answer ends here
 IMAGE_SIZE = 336  # px → (336 / 14)² = 576 patch tokens, LLaVA-1.5's count
@@ -101,9 +101,11 @@ def _assemble_seeded():
     tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is never read: LLaVA overwrites image positions
 
+    text_config = lm.config.to_dict()
+    text_config.pop("quantization_config", None)  # the GGUF origin; the saved weights are plain tensors
     config = LlavaConfig(
         vision_config=vision.config.to_dict(),
-        text_config=lm.config.to_dict(),
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu",
         vision_feature_layer=-1,

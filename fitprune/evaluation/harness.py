@@ -29,6 +29,7 @@ from PIL import Image
 from ..adapters import get_adapter
 from ..apply import apply as _apply
 from ..apply import last_report
+from ..flops import prefill_flops
 from .metrics import exact_match, multiple_choice_accuracy, parse_yes_no, pope_metrics, vqa_accuracy
 
 __all__ = ["METRICS", "DemoEncoder", "Encoder", "HFEncoder", "Prediction", "collate", "format_question",
@@ -38,7 +39,7 @@ __all__ = ["METRICS", "DemoEncoder", "Encoder", "HFEncoder", "Prediction", "coll
 SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 METRICS = ("exact_match", "multiple_choice", "pope", "vqa_accuracy")
 ROW_COLUMNS = ("sample_id", "question", "prediction", "answers", "choices", "error", "visual_tokens",
-               "visual_kept")
+               "visual_kept", "prefill_flops", "prefill_flops_full")
 _CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA's eval prompt
 
 
@@ -56,7 +57,9 @@ class Prediction:
 
     ``visual_tokens``: visual positions in the encoded prompt; ``visual_kept``: those left after the
     last decoder layer of the prefill (measured from :func:`fitprune.last_report`; equal to
-    ``visual_tokens`` when no recipe is applied, None when not measured).
+    ``visual_tokens`` when no recipe is applied, None when not measured). ``prefill_flops``: the
+    prefill's FLOPs from the executed per-layer token counts (``fitprune.flops``, "full" convention);
+    ``prefill_flops_full``: the same prompt's FLOPs unpruned.
     """
 
     sample_id: str
@@ -67,6 +70,8 @@ class Prediction:
     choices: list[str] | None = None
     visual_tokens: int | None = None
     visual_kept: int | None = None
+    prefill_flops: float | None = None
+    prefill_flops_full: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -256,6 +261,15 @@ def _prepare(index, sample, model, encoder, question_fn, allow_text_only) -> _It
 
 # --- batching -------------------------------------------------------------------------------------
 
+def encode_sample(sample, encoder, model, question_fn: Callable[[Any], str] | None = None) -> dict[str, torch.Tensor]:
+    """One sample's model inputs (batch dim 1), or ValueError with the reason it would fail in
+    :func:`generate_answers` (for callers that need every sample, e.g. calibration)."""
+    try:
+        return _prepare(0, sample, model, _as_encoder(encoder), question_fn or format_question, False).inputs
+    except _Failed as exc:
+        raise ValueError(f"sample {getattr(sample, 'id', '?')}: {exc}") from None
+
+
 def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(t.shape[1:]) == tuple(shape):
         return t
@@ -330,13 +344,17 @@ def _run_batch(model, encoder, items: list[_Item], max_new_tokens: int, eos: set
         stop = next((j for j, t in enumerate(row) if t in eos), len(row))  # finished rows are padded after EOS
         texts.append(encoder.decode(torch.tensor(row[:stop], dtype=torch.long)).strip())
     report = last_report(model)
+    dims = get_adapter(model).dims(model)
+    full = [prefill_flops(dims, [int(n)] * dims.num_layers) for n in batch["attention_mask"].sum(1).tolist()]
     if report is not None and report is not before and report.mlp_visual.shape[0] == len(items):
         kept = [int(v) for v in report.mlp_visual[:, -1]]
+        flops = [float(f) for f in report.flops(dims)]
     else:
         handle = getattr(model, "_fitprune", None)  # fitprune.apply keeps its state here
         stock = handle is None or handle.recipe.is_noop
         kept = [it.visual_tokens if stock else None for it in items]
-    return texts, kept
+        flops = full if stock else [None] * len(items)
+    return texts, kept, flops, full
 
 
 def generate_answers(model, encoder, samples: Iterable, *, recipe=None, batch_size: int = 8,
@@ -395,7 +413,7 @@ def _generate_into(preds, model, encoder, items, max_new_tokens, eos) -> None:
     if not items:
         return
     try:
-        texts, kept = _run_batch(model, encoder, items, max_new_tokens, eos)
+        texts, kept, flops, full = _run_batch(model, encoder, items, max_new_tokens, eos)
     except Exception as exc:  # noqa: BLE001  KeyboardInterrupt is not an Exception: it propagates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # an OOM batch may still fit one sample at a time
@@ -405,9 +423,9 @@ def _generate_into(preds, model, encoder, items, max_new_tokens, eos) -> None:
         for item in items:
             _generate_into(preds, model, encoder, [item], max_new_tokens, eos)
         return
-    for item, text, k in zip(items, texts, kept):
-        preds[item.index].prediction = text
-        preds[item.index].visual_kept = k
+    for item, text, k, f, f_full in zip(items, texts, kept, flops, full):
+        pred = preds[item.index]
+        pred.prediction, pred.visual_kept, pred.prefill_flops, pred.prefill_flops_full = text, k, f, f_full
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -417,10 +435,16 @@ def to_rows(preds: Iterable[Prediction], **extra) -> list[dict[str, Any]]:
     clash = sorted(set(extra) & set(ROW_COLUMNS))
     if clash:
         raise ValueError(f"extra columns {clash} collide with the prediction columns {list(ROW_COLUMNS)}")
-    return [{"sample_id": p.sample_id, "question": p.question, "prediction": p.prediction,
-             "answers": list(p.answers), "choices": None if p.choices is None else list(p.choices),
-             "error": p.error, "visual_tokens": p.visual_tokens, "visual_kept": p.visual_kept, **extra}
+    return [{**{c: getattr(p, c) for c in ROW_COLUMNS}, "answers": list(p.answers),
+             "choices": None if p.choices is None else list(p.choices), **extra}
             for p in preds]
+
+
+def sample_score(p: Prediction, metric: str) -> float | None:
+    """One prediction's score under ``metric`` (None for a failed sample)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {METRICS}")
+    return _per_sample(p, metric) if p.ok else None
 
 
 def _per_sample(p: Prediction, metric: str) -> float:

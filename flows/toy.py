@@ -1,10 +1,9 @@
-"""Interim default model and data for ``fitprune sweep`` (no GPU, no network).
+"""The toy model and inputs: fast pipeline tests and smoke runs (``--model toy --source toy``).
 
 A seeded *random-weight* tiny LLaVA (Llama text model, CLIP vision tower) and synthetic inputs:
-random-pixel images behind a random system prompt, followed by a random question. It stands in
-until the embedded demo model assembled from real pretrained parts lands (issue "Embedded default
-and evaluation"); with random weights there is no task accuracy to measure, so the sweep measures
-how often a pruned model's next token agrees with the unpruned model's.
+random-pixel images behind a random system prompt, followed by a random question. With random
+weights there is no task accuracy to measure, so a sweep on it measures how often a pruned
+model's next token agrees with the unpruned model's. The real default is the demo model.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ IMAGE_SIZE, PATCH = 48, 4  # 144 visual tokens
 N_SYSTEM, N_TEXT = 12, 10
 
 
-def demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
+def toy_model(seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
@@ -40,7 +39,7 @@ def demo_model(seed: int = 0) -> LlavaForConditionalGeneration:
     return model
 
 
-def demo_batches(n_samples: int, batch_size: int, seed: int, prefix: str, start: int = 0) -> list[dict]:
+def toy_batches(n_samples: int, batch_size: int, seed: int, prefix: str, start: int = 0) -> list[dict]:
     """Deterministic synthetic samples ``start .. n_samples - 1``, ``batch_size`` per batch, named ``<prefix>-<i>``.
 
     Each sample depends only on ``seed`` and its index, so any sample range (a shard) is the same

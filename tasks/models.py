@@ -1,0 +1,177 @@
+"""Model specs: which model a sweep step runs, built or loaded once per process.
+
+A spec is a JSON-able dict, so it can cross Prefect task boundaries where a model cannot::
+
+    {"kind": "demo"}                        the embedded demo LLaVA (DINOv2-S + SmolLM2-135M, trained adapter)
+    {"kind": "toy", "seed": 0}              a seeded random-weight tiny LLaVA (tests; agreement only)
+    {"kind": "path", "path": "/ckpt/llava"} a local Hugging Face checkpoint directory
+
+optionally with ``"device"`` (default ``"cpu"``) and, for demo and path, ``"dtype"``
+(``"float32"`` default, or ``"bfloat16"``). The demo model is built once into the data root
+(``fitprune.demo.build_demo_model``) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from fitprune.adapters import get_adapter
+from fitprune.fingerprint import fingerprint
+from fitprune.flops import ModelDims
+
+__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "describe_model", "encoder_for", "load_model", "model_info",
+           "normalize_spec"]
+
+MODEL_KINDS = ("demo", "toy", "path")
+DTYPES = ("float32", "bfloat16")
+_KEYS = {"demo": {"dtype"}, "toy": {"seed"}, "path": {"path", "dtype"}}
+_MODELS: dict[str, tuple] = {}
+LOCK = threading.RLock()  # tasks may run in threads of one process: build each model once, hook one at a time
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def normalize_spec(spec) -> dict:
+    """A validated copy of a model spec (module docstring); ValueError naming the accepted forms otherwise."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError:
+            spec = {"kind": "path", "path": spec}  # a bare string is a checkpoint directory
+    if not isinstance(spec, dict):
+        raise ValueError(f"a model spec is a dict such as {{'kind': 'demo'}}; got {spec!r}")
+    kind = spec.get("kind")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model spec kind {kind!r} is not known; use one of {', '.join(MODEL_KINDS)} "
+                         "({'kind': 'demo'}, {'kind': 'toy', 'seed': 0} or {'kind': 'path', 'path': '/dir'})")
+    unknown = sorted(set(spec) - {"kind", "device"} - _KEYS[kind])
+    if unknown:
+        raise ValueError(f"model spec {kind}: unknown key(s) {unknown}; allowed: kind, device, "
+                         f"{', '.join(sorted(_KEYS[kind]))}")
+    out = {"kind": kind, "device": str(spec.get("device") or "cpu")}
+    if kind == "toy":
+        seed = spec.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"toy model spec: seed must be an integer, got {seed!r}")
+        out["seed"] = seed
+    if kind == "path":
+        path = spec.get("path")
+        if not path or not (Path(path) / "config.json").is_file():
+            raise ValueError(f"model spec path {path!r} is not a checkpoint directory (it needs a config.json); "
+                             "pass {'kind': 'path', 'path': '/dir/with/config.json'}")
+        out["path"] = str(Path(path).resolve())
+    if kind in ("demo", "path"):
+        dtype = spec.get("dtype") or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"model spec dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        out["dtype"] = dtype
+    dev = out["device"]
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {dev!r} asked for, but CUDA is not available here; use device 'cpu'")
+    return out
+
+
+def _key(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _load_local(path: str, dtype: torch.dtype):
+    """A local checkpoint (image-text-to-text class first, then causal LM) and its processor, if it has one."""
+    import transformers
+
+    errors, model = [], None
+    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+        cls = getattr(transformers, name, None)
+        if cls is None:
+            continue
+        try:
+            model = cls.from_pretrained(path, local_files_only=True, dtype=dtype)
+            break
+        except (ValueError, KeyError, OSError) as err:
+            errors.append(f"{name}: {err}")
+    if model is None:
+        raise ValueError(f"cannot load {path} with transformers: " + "; ".join(errors))
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError):
+        processor = None  # input-only sources still work; question sources say what is missing
+    return model, processor
+
+
+def _build(spec: dict):
+    if spec["kind"] == "toy":
+        from flows import toy
+
+        return toy.toy_model(spec["seed"]), None
+    if spec["kind"] == "demo":
+        from fitprune.demo import build_demo_model
+        from storage.root import data_root
+
+        cache = data_root() / "models"
+        _log(f"model: demo LLaVA from {cache} (built on first use, ~25 s)")
+        return build_demo_model(cache, dtype=getattr(torch, spec["dtype"]))
+    _log(f"model: loading {spec['path']}")
+    return _load_local(spec["path"], getattr(torch, spec["dtype"]))
+
+
+def _entry(spec) -> tuple:
+    spec = normalize_spec(spec)
+    key = _key(spec)
+    with LOCK:
+        if key not in _MODELS:
+            model, processor = _build(spec)
+            _MODELS[key] = (model.to(spec["device"]).eval(), processor)
+        return _MODELS[key]
+
+
+def load_model(spec) -> torch.nn.Module:
+    """The model for ``spec``, built or loaded once per process (eval mode, on the spec's device)."""
+    return _entry(spec)[0]
+
+
+def encoder_for(spec):
+    """The evaluation harness's encoder for the spec's model (question sources need one)."""
+    from fitprune.evaluation.harness import DemoEncoder, HFEncoder
+
+    spec = normalize_spec(spec)
+    processor = _entry(spec)[1]
+    if spec["kind"] == "demo":
+        return DemoEncoder(processor)
+    if processor is None:
+        where = "the toy model" if spec["kind"] == "toy" else f"{spec['path']} (no processor files found)"
+        raise ValueError(f"{where} cannot read questions and images; use an input source ('toy' or 'hf:/path') "
+                         "or a checkpoint saved with its processor")
+    return HFEncoder(processor)
+
+
+def describe_model(spec) -> str:
+    """One line saying what the spec's model is (logged by every sweep)."""
+    spec = normalize_spec(spec)
+    if spec["kind"] == "demo":
+        return (f"model: demo LLaVA (DINOv2-S/14 + SmolLM2-135M-Instruct, trained projector + LoRA; 576 visual "
+                f"tokens) on {spec['device']}, {spec['dtype']}")
+    if spec["kind"] == "toy":
+        return f"model: toy, seed {spec['seed']} (seeded random-weight tiny LLaVA) — agreement, not accuracy"
+    return f"model: {spec['path']} on {spec['device']}, {spec['dtype']}"
+
+
+def model_info(spec) -> dict:
+    """Checkpoint fingerprint, family and text dims (as a dict) of the spec's model.
+
+    A path spec is fingerprinted from its files (what ``flows.recalibrate`` looks up); the demo and
+    toy models from their live weights.
+    """
+    spec = normalize_spec(spec)
+    model = load_model(spec)
+    adapter = get_adapter(model)
+    dims = ModelDims.from_config(adapter.text_config(model))
+    checkpoint = fingerprint(spec["path"]) if spec["kind"] == "path" else fingerprint(model)
+    return {"checkpoint": checkpoint, "family": adapter.family, "dims": asdict(dims)}
