@@ -420,6 +420,10 @@ def evaluate_recipe(spec, info: dict, eval_set: dict, recipe_json: str | None, b
     """Evaluate one recipe (``None``: the unpruned model) on the evaluation set; a result dict."""
     spec = normalize_spec(spec)
     model = load_model(spec)
+    if sources.is_question_source(eval_set["source"]):
+        recipe = None if recipe_json is None else Recipe.from_dict(json.loads(recipe_json))
+        with _LOCK:
+            return evaluate_questions(spec, model, eval_set, recipe, 0, eval_set["n"], batch_size)[0]
     batches = load_samples(eval_set, batch_size, spec["device"])
     key = _key([spec, eval_set, batch_size])
     with _LOCK:  # pruning hooks are per model: one evaluation at a time per process

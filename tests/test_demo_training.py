@@ -12,7 +12,7 @@ from PIL import Image
 from fitprune.demo.adapter import (ADAPTER_FILE, MANIFEST_FILE, AdapterError, add_lora, load_adapter, merge_adapter,
                                    read_manifest, save_adapter)
 from fitprune.demo.build import DemoProcessor
-from fitprune.demo.train import IGNORE, Batcher, MixedDataset, answer_loss, init_projector, normalize_pixels, \
+from fitprune.demo.train import IGNORE, Batcher, _continue_from, MixedDataset, answer_loss, init_projector, normalize_pixels, \
     vision_features
 from fitprune.evaluation.loaders import EvalSample
 from tiny_models import IMAGE_ID, tiny_llava
@@ -197,3 +197,21 @@ def test_mixed_dataset_is_deterministic_and_mixes_sources(tmp_path):
     assert all((again[k][0] == items[k][0]).all() and again[k][1:] == items[k][1:] for k in (0, 5, 39))
     with pytest.raises(ValueError, match="easy-VQA"):
         MixedDataset([], 4, 0.5, 0)
+
+
+def test_training_continues_from_a_saved_adapter(tmp_path):
+    model, _ = tiny_llava(seed=5)
+    loras = add_lora(model, rank=2, alpha=4.0)
+    _randomize_lora(loras)
+    path = save_adapter(model, loras, tmp_path, {"samples_seen": 10})
+    fresh, _ = tiny_llava(seed=6)
+    fresh_loras = add_lora(fresh, rank=2, alpha=4.0)
+    info = _continue_from(path, fresh.model.multi_modal_projector, fresh_loras)
+    assert info["previous_samples"] == 10
+    for name, lora in loras.items():
+        torch.testing.assert_close(fresh_loras[name].B, lora.B.half().float())
+    torch.testing.assert_close(fresh.model.multi_modal_projector.linear_1.weight,
+                               model.model.multi_modal_projector.linear_1.weight)
+    other, _ = tiny_llava(seed=6)
+    with pytest.raises(ValueError, match="LoRA layers do not match"):
+        _continue_from(path, other.model.multi_modal_projector, add_lora(other, 2, 4.0, targets=("q_proj",)))

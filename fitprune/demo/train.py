@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -274,7 +275,8 @@ def train(config: TrainConfig, cache_dir, out_dir, device: str = "cuda") -> Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fitprune.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for demo_adapter.safetensors + demo_adapter.json")
-    p.add_argument("--cache-dir", default=None, help="where the base demo checkpoint is built (default: data root)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the base demo checkpoint is built (default: $FITPRUNE_DATA/models, else ~/.cache/fitprune/models)")
     p.add_argument("--device", default="cuda")
     for name, f in TrainConfig.__dataclass_fields__.items():
         if name in ("extra", "lora_targets"):
@@ -290,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(f"--{name.replace('_', '-')}", type=kind or type(f.default), default=f.default)
     args = p.parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    cache = args.cache_dir
-    if cache is None:
-        from storage.root import data_root
-        cache = data_root()
+    cache = args.cache_dir or Path(os.environ.get("FITPRUNE_DATA") or "~/.cache/fitprune").expanduser() / "models"
     path = train(TrainConfig(**fields), cache, args.out, args.device)
     _log(f"wrote {path}")
     return 0
