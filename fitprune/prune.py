@@ -324,7 +324,7 @@ class Pruner:
 
     def _on_model_end(self, module, args, kwargs, output):
         state, self.prefill, self.decoding = self.prefill, None, None
-        if state is None:
+        if state is None or output is None:  # output None: the forward raised (this hook is always_call)
             return None
         self.last_report = self._report(state)
         if self.probe is not None:
