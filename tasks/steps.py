@@ -20,7 +20,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
