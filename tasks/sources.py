@@ -20,6 +20,7 @@ agreement with the unpruned model's next token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -119,17 +120,21 @@ def question_samples(desc: dict, start: int = 0, end: int | None = None) -> list
         from fitprune.synthetic import sample_at
 
         return [sample_at(src.arg, i, seed=desc["seed"]) for i in range(start, end)]
+    if src.kind not in QUESTION_METRICS:
+        raise ValueError(f"source {desc['source']!r} holds model inputs, not questions")
+    return _subset(_all_questions(src), desc["n"], desc["seed"], str(src))[start:end]
+
+
+@functools.lru_cache(maxsize=8)
+def _all_questions(src: Source) -> tuple:
+    """Every question of a benchmark source, read once per process (each shard and the hash ask again)."""
     if src.kind == "easy-vqa":
         from fitprune.evaluation.easy_vqa import load_easy_vqa
 
-        everything = load_easy_vqa(src.arg)
-    elif src.kind in QUESTION_METRICS:
-        from fitprune.evaluation import load
+        return tuple(load_easy_vqa(src.arg))
+    from fitprune.evaluation import load
 
-        everything = load(src.kind, src.arg)
-    else:
-        raise ValueError(f"source {desc['source']!r} holds model inputs, not questions")
-    return _subset(everything, desc["n"], desc["seed"], str(src))[start:end]
+    return tuple(load(src.kind, src.arg))
 
 
 def _image_bytes(sample) -> bytes:

@@ -146,12 +146,12 @@ def _question_range(spec, desc: dict, start: int, end: int, batch_size: int) -> 
     here (calibration needs every sample), unlike in evaluation where it is a recorded failure."""
     from fitprune.evaluation.harness import collate, encode_sample
 
-    encoder = encoder_for(spec)
+    encoder, model = encoder_for(spec), load_model(spec)
     samples = sources.question_samples(desc, start, end)
     batches = []
     for first in range(0, len(samples), batch_size):
         chunk = samples[first:first + batch_size]
-        encoded = [encode_sample(s, encoder, load_model(spec)) for s in chunk]
+        encoded = [encode_sample(s, encoder, model) for s in chunk]
         batch = collate(encoded, encoder.pad_token_id)
         batch["sample_ids"] = [str(s.id) for s in chunk]
         batches.append(batch)
@@ -451,9 +451,8 @@ def evaluate_questions(spec, model, eval_set: dict, recipe: Recipe | None, start
     ran = [p for p in preds if p.prefill_flops is not None]
     full = sum(p.prefill_flops_full for p in ran)
     pruned = sum(p.prefill_flops for p in ran)
-    value = summary.get("accuracy", summary["value"]) if metric == "pope" else summary["value"]
-    result = {
-        "metric": 0.0 if summary["n_scored"] == 0 else float(value), "metric_name": metric,
+    result = {  # POPE's per-sample score is yes/no correctness, so "value" is its accuracy
+        "metric": 0.0 if summary["n_scored"] == 0 else float(summary["value"]), "metric_name": metric,
         "n_samples": len(preds), "n_failed": summary["n_failed"],
         "flops_reduction": 1.0 - pruned / full if full else 0.0,
         "prefill_flops": pruned / len(ran) if ran else 0.0,
