@@ -11,6 +11,7 @@ from .calibration import CalibrationStats
 from .fingerprint import fingerprint
 from .fit import FitResult, fit
 from .flops import ModelDims, prefill_flops
+from .graphs import PrefillGraphs, graph_prefill, prefill_graphs
 from .presets import list_presets, preset
 from .progressive import fit_progressive, refine
 from .prune import PruneReport
@@ -20,6 +21,7 @@ from .stats import collect_stats
 __all__ = sorted([
     "Applied", "CalibrationStats", "FitResult", "ModelDims", "PruneReport", "Recipe", "RecipeError",
     "UnsupportedModelError", "apply", "collect_stats", "fingerprint", "fit", "fit_progressive", "get_adapter",
-    "known_families", "last_report", "list_presets", "prefill_flops", "preset", "refine", "remove",
+    "PrefillGraphs", "graph_prefill", "known_families", "last_report", "list_presets", "prefill_flops",
+    "prefill_graphs", "preset", "refine", "remove",
 ])
 __version__ = "0.1.0"

@@ -120,6 +120,22 @@ class _Prefill:
         self.attn_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) entering
         self.mlp_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) after drop
         self.dropped_positions: dict[int, torch.Tensor] = {}  # pruning layer -> (B, Lc) original idx or -1
+        self.static = False  # True: the device tensors are a CUDA graph's, overwritten by its next replay
+
+    def initial_copy(self) -> "_Prefill":
+        """A fresh state for another run of the same prefill, made before any layer ran: it shares
+        the input-derived tensors (never written in place) and copies the host counts, without the
+        host sync of ``__init__`` (so it may be made while a CUDA graph is being captured)."""
+        if self.version or self.attn_counts:
+            raise RuntimeError("initial_copy() needs a state no layer has run on yet")
+        new = object.__new__(_Prefill)
+        new.__dict__.update(self.__dict__)
+        for name in ("alive_visual", "alive_real", "first_visual", "slots", "layer_version", "versions",
+                     "attn_counts", "mlp_counts"):
+            setattr(new, name, list(getattr(self, name)))
+        for name in ("pending", "selection", "resliced", "dropped_positions"):
+            setattr(new, name, {})
+        return new
 
     @property
     def width(self) -> int:
@@ -245,6 +261,10 @@ class Pruner:
         # layers whose attention is looked at, and where tokens may be dropped
         self.prune_layers = sorted(recipe_layers | probe_layers)
         self._drop_cache: dict[int, list[int]] = {}
+        # device constants made once and reused: no host-to-device copy inside a prefill after the
+        # first one (CUDA graph capture forbids them; fitprune.graphs)
+        self._k_cache: dict[tuple, torch.Tensor] = {}
+        self._random_cache: dict[tuple, torch.Tensor] = {}
         self.prefill: _Prefill | None = None
         self.session: _Session | None = None
         self.decoding: _Session | None = None
@@ -408,13 +428,27 @@ class Pruner:
                 elif rule == "fastv":
                     scores = scoring.fastv_scores(query, key, mask, scaling)
                 else:
-                    scores = scoring.random_scores(tuple(candidates.shape), self.recipe.seed, i, query.device)
-                k = torch.tensor(counts, device=query.device)
+                    scores = self._random_scores(tuple(candidates.shape), i, query.device)
+                k = self._k_tensor(counts, query.device)
                 drop = scoring.select_drops(scores, candidates, k)
             if drop is not None and any(counts):
                 state.pending[i] = (drop, counts)
 
         return observe
+
+    def _k_tensor(self, counts: list[int], device) -> torch.Tensor:
+        key = (tuple(counts), str(device))
+        if key not in self._k_cache:
+            self._k_cache[key] = torch.tensor(counts, device=device)
+        return self._k_cache[key]
+
+    def _random_scores(self, shape: tuple[int, int], layer: int, device) -> torch.Tensor:
+        key = (shape, layer, str(device))
+        if key not in self._random_cache:
+            if len(self._random_cache) >= 4096:  # many distinct batch shapes: start over
+                self._random_cache.clear()
+            self._random_cache[key] = scoring.random_scores(shape, self.recipe.seed, layer, device)
+        return self._random_cache[key]
 
     @staticmethod
     def _cross_self(state: _Prefill, query, key, mask, scaling, candidates):
@@ -513,9 +547,18 @@ class Pruner:
         idx, valid, positions = state.idx, state.valid, dict(state.dropped_positions)
         bsz, length, num_layers = idx.shape[0], state.input_len, len(self.layers)
 
+        def kept_on_device() -> torch.Tensor:
+            return torch.zeros(bsz, length, dtype=torch.bool, device=idx.device).scatter_(1, idx, valid)
+
+        kept_now = None
+        if state.static:  # a graph replay: copy now (queued, no wait) before the next replay overwrites
+            kept_now = kept_on_device()
+            if positions:
+                flat = torch.cat(list(positions.values()), 1).split([p.shape[1] for p in positions.values()], 1)
+                positions = dict(zip(positions, flat))
+
         def kept() -> np.ndarray:
-            out = torch.zeros(bsz, length, dtype=torch.bool, device=idx.device)
-            return out.scatter_(1, idx, valid).cpu().numpy()
+            return (kept_now if kept_now is not None else kept_on_device()).cpu().numpy()
 
         def dropped() -> list[list[list[int]]]:
             out = [[[] for _ in range(num_layers)] for _ in range(bsz)]
