@@ -40,7 +40,12 @@ cold call of every configuration is reported too, as ``prefill_cold_ms``):
    a GPU with Triton): each FitPrune recipe is also measured with FITPRUNE_FUSED_SCORES=0 (label
    ``<recipe>/torch-scores``: prefill, memory, synced scoring; no decode, which the kernel does not
    touch), and so is ``collect_stats`` (``collect_stats/torch-scores``). Without CUDA or Triton only
-   the torch path runs.
+   the torch path runs;
+9. the prefill replayed from CUDA graphs (``fitprune.graph_prefill``, ``--cuda-graphs both``, the
+   default on a GPU): the unpruned model and every FitPrune / FastV recipe again with the language
+   model's prefill captured once per configuration and replayed (label ``<label>+graphs``, rows with
+   ``cuda_graphs`` true; prefill, memory, decode). Their ratios are against the unpruned model
+   *with graphs*, measured in the same run; ``prefill_cold_ms`` of these rows includes the capture.
 
 SDPA backends: by default only flash / memory-efficient / math are allowed (``--sdpa-backends``). With
 torch 2.11 on an H100 the default choice is cuDNN attention, which builds an execution plan for every
@@ -119,6 +124,7 @@ from fitprune.stats import collect_stats  # noqa: E402
 GEOMETRIES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b")
 PARTS = ("prefill", "fastv", "random", "scoring", "memory", "decode", "stats")
 TORCH_SCORES = "/torch-scores"  # label suffix: the same recipe scored without the fused kernel
+GRAPHS = "+graphs"  # label suffix: the same configuration with the prefill replayed from CUDA graphs
 N_SYSTEM, N_TEXT = 35, 40  # LLaVA-1.5's system prompt before the image; a short question after it
 MB = 1024 * 1024
 
@@ -227,6 +233,7 @@ class Method:
     source: str  # where the schedule comes from
     of: str | None = None  # for controls: the label whose schedule they copy
     torch_scores: bool = False  # score with the torch path even where the fused kernel is available
+    graphs: bool = False  # language-model prefill replayed from CUDA graphs (fitprune.graph_prefill)
 
 
 @dataclass
@@ -435,6 +442,11 @@ def _torch_scores_twin(m: Method) -> Method:
                   f"{m.source}; scores by the torch path (fused kernel off)", of=m.label, torch_scores=True)
 
 
+def _graphs_twin(m: Method) -> Method:
+    return Method(f"{m.label}{GRAPHS}", m.method, m.budget, m.recipe,
+                  f"{m.source}; prefill replayed from CUDA graphs", of=m.of and m.of + GRAPHS, graphs=True)
+
+
 def _random_twin(m: Method) -> Method:
     return Method(f"{m.label}/random", "random", m.budget, baselines.random_recipe(m.recipe),
                   f"schedule of {m.label}, random picks", of=m.label)
@@ -450,6 +462,7 @@ class Bench:
         self.clock = Clock(device)
         self.meta = meta
         self.fused = meta.get("fused_scores", "off")  # on | off | both (set_fused_scores)
+        self.graphs = meta.get("cuda_graphs", "off")  # on | off | both
         self.rows: list[dict] = []
         self.errors: list[str] = []
 
@@ -462,6 +475,7 @@ class Bench:
             "batch": batch,
             "method": "unpruned" if m is None else m.method,
             "label": "unpruned" if m is None else m.label,
+            "cuda_graphs": False if m is None else m.graphs,
             "budget": None if m is None else m.budget,
             "recipe": "" if m is None else m.source,
             "metric": metric,
@@ -494,6 +508,9 @@ class Bench:
                     lm.append(sum(lm_timer.durations()))
         finally:
             lm_timer.close()
+        graphs = fitprune.prefill_graphs(model)
+        if graphs is not None and (graphs.replays < warmup + repeats or graphs.eager):
+            raise RuntimeError(f"the prefill was not replayed from a CUDA graph every time: {graphs!r}")
         return _median(whole), _median(lm), cold, fitprune.last_report(model)
 
     def memory(self, geo: Geometry, inputs: dict) -> tuple[float | None, float | None, int]:
@@ -641,6 +658,11 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
                 print(f"  ! {bench.errors[-1]}", flush=True)
     controls = [_random_twin(m) for m in methods if m.recipe is not None and not m.torch_scores] \
         if "random" in parts else []
+    if bench.graphs == "on":
+        methods = [_graphs_twin(m) for m in methods if not m.torch_scores]
+        controls = [_graphs_twin(m) for m in controls]
+    elif bench.graphs == "both":
+        methods += [_graphs_twin(m) for m in methods if not m.torch_scores]
 
     for m in methods + controls:
         t_cfg = time.perf_counter()
@@ -653,6 +675,8 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
             bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
             print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
         finally:
+            if fitprune.prefill_graphs(geo.model) is not None:
+                fitprune.prefill_graphs(geo.model).remove()
             if getattr(geo.model, "_fitprune", None) is not None:
                 fitprune.remove(geo.model)
             _free(bench.device)
@@ -688,7 +712,8 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
     args, parts = bench.args, bench.args.parts
     warmup, repeats = (1, max(1, args.repeats // 2)) if control else (max(1, args.warmup), args.repeats)
     handle = fitprune.apply(geo.model, m.recipe) if m.recipe is not None else contextlib.nullcontext()
-    with handle, torch.no_grad(), torch_scores(m.torch_scores):
+    graphed = fitprune.graph_prefill(geo.model) if m.graphs else contextlib.nullcontext()
+    with handle, graphed, torch.no_grad(), torch_scores(m.torch_scores):
         whole, lm, cold, report = bench.prefill(geo, inputs, warmup, repeats)
         if m.recipe is None:
             fr, red_paper = 1.0, 0.0
@@ -717,7 +742,7 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
             if peak is not None:
                 add("peak_prefill_bytes", peak, "bytes")
                 add("peak_prefill_extra_bytes", extra, "bytes")
-        if "scoring" in parts and m.recipe is not None:
+        if "scoring" in parts and m.recipe is not None and not m.graphs:  # synced timers cannot run in a graph
             s = bench.scoring_synced(geo, inputs, max(1, args.repeats // 2))  # 2 by default
             add("scoring_ms_synced", s["score"] * 1e3, "ms")
             add("select_ms_synced", s["select"] * 1e3, "ms")
@@ -787,9 +812,12 @@ _BASE_METRIC = {"stats_ms": "forward_nocache_ms", "peak_stats_extra_bytes": "pea
 
 
 def fill_ratios(rows: list[dict]) -> None:
-    base = {(r["geometry"], r["batch"], r["metric"]): r["value"] for r in rows if r["method"] == "unpruned"}
+    """Ratio against the unpruned model of the same geometry, batch and graph mode."""
+    base = {(r["geometry"], r["batch"], r.get("cuda_graphs", False), r["metric"]): r["value"]
+            for r in rows if r["method"] == "unpruned"}
     for r in rows:
-        ref = base.get((r["geometry"], r["batch"], _BASE_METRIC.get(r["metric"], r["metric"])))
+        metric = _BASE_METRIC.get(r["metric"], r["metric"])
+        ref = base.get((r["geometry"], r["batch"], r.get("cuda_graphs", False), metric))
         if ref and r["value"] is not None and math.isfinite(ref):
             r["ratio_vs_unpruned"] = r["value"] / ref
 
@@ -833,7 +861,7 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
     cols = [  # (header, metric, how)
         ("prefill ms", "prefill_ms", "v"), ("×", "prefill_ms", "r"),
         ("LM ms", "lm_prefill_ms", "v"), ("×", "lm_prefill_ms", "r"),
-        ("LM speedup/ideal", None, "eff"),
+        ("LM speedup/ideal", None, "eff"), ("LM×stock", None, "stock"),
         ("decode tok/s", "decode_tok_s", "v"), ("×", "decode_tok_s", "r"),
         ("peak+ MB", "peak_prefill_extra_bytes", "mb"), ("×", "peak_prefill_extra_bytes", "r"),
         ("KV MB", "kv_cache_bytes", "mb"), ("×", "kv_cache_bytes", "r"),
@@ -865,6 +893,11 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
                     lm = metrics.get("lm_prefill_ms")
                     ok = lm and lm["ratio_vs_unpruned"] and fr
                     line.append(_fmt((1 / lm["ratio_vs_unpruned"]) / (1 / fr) if ok else None, ".2f"))
+                elif how == "stock":  # against the eager unpruned model: what a user of stock transformers sees
+                    lm = metrics.get("lm_prefill_ms")
+                    stock = keyed.get((geometry, batch, "unpruned"), {}).get("lm_prefill_ms")
+                    ok = lm and stock and lm["value"] and stock["value"]
+                    line.append(_fmt(lm["value"] / stock["value"] if ok else None, ".3f"))
                 elif how == "rand":
                     r = metrics.get("scoring_share_vs_random")
                     line.append(_fmt(r and 100 * r["value"], ".1f"))
@@ -935,6 +968,10 @@ def parse_args(argv=None):
                    help="FitPrune scores by the fused Triton kernel (on), the torch path (off), or both: each "
                         "FitPrune recipe and collect_stats also measured with the torch path, labelled "
                         f"'{TORCH_SCORES}' (default). Without CUDA or Triton: off")
+    p.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                   help="replay the language-model prefill from CUDA graphs (fitprune.graph_prefill): on = every "
+                        f"configuration graphed, both = each measured eagerly and again as '<label>{GRAPHS}' "
+                        "(default). Without CUDA: off")
     p.add_argument("--out", default=None,
                    help="JSON (or .parquet) file; default $OUT/bench_gpu.json if OUT is set, else ./bench_gpu.json")
     args = p.parse_args(argv)
@@ -979,6 +1016,7 @@ def main(argv=None) -> int:
         "sdpa_backends": sdpa,
         "tiny": bool(args.tiny),
         "fused_scores": fused,
+        "cuda_graphs": args.cuda_graphs if device.type == "cuda" else "off",
     }
     out = Path(args.out)
     bench = Bench(args, device, meta)

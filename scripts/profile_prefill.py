@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Where the GPU time of a pruned prefill goes: kernel time by category, unpruned vs pruned.
+
+Builds a geometry of ``scripts/bench_gpu.py`` (random weights, bf16), runs the prefill eagerly
+under ``torch.profiler`` (CUDA kernel times; the same kernels a CUDA-graph replay runs), and prints
+per configuration: wall time of one prefill, summed kernel time, the gap between the two (host
+launch-bound time), and kernel time per category (GEMM, attention, fused scoring, sort/select,
+gather/scatter/index, norm/elementwise, other) with the top kernels. A JSON of the table goes to
+``--out``.
+
+    python scripts/profile_prefill.py --geometry llava-1.5-7b --batches 1,8 --recipes 70
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu  # noqa: E402
+
+import fitprune  # noqa: E402
+
+CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
+    ("fused scoring", r"_row_stats|_cross_self"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|splitk"),
+    ("sort/select", r"sort|radix|topk|cub::|scan"),
+    ("gather/scatter/index", r"gather|scatter|index|cat|copy"),
+    ("norm/elementwise", r"elementwise|reduce|norm|mul|add|silu|exp|pow|rsqrt|mean|vectorized"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def profile_one(model, inputs, repeats: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: compiles, plans, caches
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / repeats
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                model(**inputs, use_cache=True, logits_to_keep=1)
+            torch.cuda.synchronize()
+    by_kernel: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            by_kernel[evt.name] += evt.device_time / 1e3 / repeats  # ms per prefill
+            counts[evt.name] += 1
+    by_cat: dict[str, float] = defaultdict(float)
+    for name, ms in by_kernel.items():
+        by_cat[category(name)] += ms
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()),
+            "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
+            "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--geometry", default="llava-1.5-7b", choices=list(bench_gpu.BUILDERS))
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--recipes", default="70", help="comma list of budgets in percent among the geometry's recipes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "profile_prefill.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (run it through the device tool)")
+    bench_gpu.set_sdpa_backends("flash,efficient,math")
+    device = torch.device("cuda")
+    geo = bench_gpu.BUILDERS[args.geometry](False, device, torch.bfloat16)
+    wanted = {int(b) for b in args.recipes.split(",") if b}
+    recipes = [m for m in geo.recipes if round(m.budget * 100) in wanted]
+    results = []
+    for batch in [int(b) for b in args.batches.split(",") if b]:
+        inputs = geo.make_inputs(batch)
+        configs = [("unpruned", None)] + [(m.label, m.recipe) for m in recipes]
+        for label, recipe in configs:
+            handle = fitprune.apply(geo.model, recipe) if recipe is not None else None
+            try:
+                res = profile_one(geo.model, inputs, args.repeats)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            res.update(geometry=args.geometry, batch=batch, label=label)
+            results.append(res)
+            print(f"\n== {args.geometry} batch {batch} {label}: wall {res['wall_ms']:.1f} ms, kernels "
+                  f"{res['kernel_ms']:.1f} ms, host-bound gap {res['wall_ms'] - res['kernel_ms']:.1f} ms, "
+                  f"{res['launches']:.0f} launches")
+            for cat, ms in sorted(res["by_category"].items(), key=lambda kv: -kv[1]):
+                print(f"   {cat:<22} {ms:8.2f} ms  {100 * ms / res['kernel_ms']:5.1f} %")
+            for name, ms, n in res["top"]:
+                print(f"     {ms:7.2f} ms  x{n:<5.0f} {name}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
