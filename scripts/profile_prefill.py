@@ -28,6 +28,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 
 import fitprune  # noqa: E402
+from fitprune import prune, scoring  # noqa: E402
+
+# fitprune's own work, marked with profiler ranges: kernel time launched inside each range is summed
+RANGES = {"scoring": "fitprune.scoring", "selection": "fitprune.selection", "compaction": "fitprune.compaction"}
+
+
+def _ranged(fn, name):
+    def wrapped(*a, **kw):
+        with torch.profiler.record_function(name):
+            return fn(*a, **kw)
+
+    return wrapped
+
+
+def annotate_pruner() -> None:
+    """Wrap the pruner's scoring, selection and gather/scatter steps in profiler ranges."""
+    cls = prune.Pruner
+    cls._cross_self = staticmethod(_ranged(cls._cross_self, RANGES["scoring"]))
+    scoring.fastv_scores = _ranged(scoring.fastv_scores, RANGES["scoring"])
+    scoring.select_drops = _ranged(scoring.select_drops, RANGES["selection"])
+    cls._selection = _ranged(cls._selection, RANGES["selection"])
+    for hook in ("_mlp_pre", "_mlp_post", "_layer_post", "_on_norm"):
+        orig = getattr(cls, hook)
+        if hook == "_on_norm":
+            setattr(cls, hook, _ranged(orig, RANGES["compaction"]))
+        else:
+            setattr(cls, hook, (lambda orig: lambda self, i: _ranged(orig(self, i), RANGES["compaction"]))(orig))
+    cls._reslice_prefill = _ranged(cls._reslice_prefill, RANGES["compaction"])
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("fused scoring", r"_row_stats|_cross_self"),
@@ -47,7 +75,16 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_one(model, inputs, repeats: int) -> dict:
+def profile_one(model, inputs, repeats: int, graphs: bool = False) -> dict:
+    handle = fitprune.graph_prefill(model) if graphs else None
+    try:
+        return _profile(model, inputs, repeats)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _profile(model, inputs, repeats: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
@@ -59,7 +96,7 @@ def profile_one(model, inputs, repeats: int) -> dict:
             model(**inputs, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / repeats
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(repeats):
                 model(**inputs, use_cache=True, logits_to_keep=1)
             torch.cuda.synchronize()
@@ -73,7 +110,12 @@ def profile_one(model, inputs, repeats: int) -> dict:
     for name, ms in by_kernel.items():
         by_cat[category(name)] += ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()),
+    ranges = {key: 0.0 for key in RANGES}
+    for avg in prof.key_averages():
+        for key, name in RANGES.items():
+            if avg.key == name:
+                ranges[key] += avg.device_time_total / 1e3 / repeats
+    return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
             "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
 
@@ -84,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--recipes", default="70", help="comma list of budgets in percent among the geometry's recipes")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--graphs", choices=("off", "on", "both"), default="off",
+                   help="also profile the prefill replayed from CUDA graphs (fitprune.graph_prefill); ranges are "
+                        "not seen inside a graph")
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "profile_prefill.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -91,16 +136,19 @@ def main(argv=None) -> int:
     bench_gpu.set_sdpa_backends("flash,efficient,math")
     device = torch.device("cuda")
     geo = bench_gpu.BUILDERS[args.geometry](False, device, torch.bfloat16)
+    annotate_pruner()
     wanted = {int(b) for b in args.recipes.split(",") if b}
     recipes = [m for m in geo.recipes if round(m.budget * 100) in wanted]
     results = []
     for batch in [int(b) for b in args.batches.split(",") if b]:
         inputs = geo.make_inputs(batch)
         configs = [("unpruned", None)] + [(m.label, m.recipe) for m in recipes]
-        for label, recipe in configs:
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.graphs]
+        for (label, recipe), graphs in [(c, g) for g in modes for c in configs]:
+            label = label + ("+graphs" if graphs else "")
             handle = fitprune.apply(geo.model, recipe) if recipe is not None else None
             try:
-                res = profile_one(geo.model, inputs, args.repeats)
+                res = profile_one(geo.model, inputs, args.repeats, graphs)
             finally:
                 if handle is not None:
                     handle.remove()
@@ -109,6 +157,10 @@ def main(argv=None) -> int:
             print(f"\n== {args.geometry} batch {batch} {label}: wall {res['wall_ms']:.1f} ms, kernels "
                   f"{res['kernel_ms']:.1f} ms, host-bound gap {res['wall_ms'] - res['kernel_ms']:.1f} ms, "
                   f"{res['launches']:.0f} launches")
+            if recipe is not None and not graphs:
+                share = {k: 100 * v / res["kernel_ms"] for k, v in res["fitprune_ranges_ms"].items()}
+                print("   fitprune kernels: " + ", ".join(f"{k} {res['fitprune_ranges_ms'][k]:.2f} ms "
+                                                        f"({share[k]:.1f} %)" for k in RANGES))
             for cat, ms in sorted(res["by_category"].items(), key=lambda kv: -kv[1]):
                 print(f"   {cat:<22} {ms:8.2f} ms  {100 * ms / res['kernel_ms']:5.1f} %")
             for name, ms, n in res["top"]:

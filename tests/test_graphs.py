@@ -174,3 +174,48 @@ def test_second_graph_prefill_is_refused():
     with fitprune.graph_prefill(model, backend="emulate"):
         with pytest.raises(RuntimeError, match="already on"):
             fitprune.graph_prefill(model, backend="emulate")
+
+
+def test_causal_skip_decides_as_eager_transformers():
+    import inspect
+
+    from transformers import masking_utils
+
+    from fitprune.graphs import _causal_skip_while_capturing
+
+    stock = masking_utils._ignore_causal_mask_sdpa
+    names = list(inspect.signature(stock).parameters)
+    q_name = "query_length" if "query_length" in names else "q_length"
+    full = torch.ones(2, 9, dtype=torch.bool)
+    holes = full.clone()
+    holes[0, :3] = False
+    cases = [dict(padding_mask=None, q=7, kv=7), dict(padding_mask=None, q=1, kv=9),
+             dict(padding_mask=holes, q=9, kv=9), dict(padding_mask=None, q=7, kv=7, local=4)]
+    with _causal_skip_while_capturing():
+        patched = masking_utils._ignore_causal_mask_sdpa
+    assert masking_utils._ignore_causal_mask_sdpa is stock  # restored on exit
+    assert patched is not stock
+    for case in cases:
+        kw = {"padding_mask": case["padding_mask"], q_name: case["q"], "kv_length": case["kv"], "kv_offset": 0}
+        if "q_offset" in names:
+            kw["q_offset"] = 0
+        if "local" in case:
+            kw["local_attention_size"] = case["local"]
+        assert patched(**kw) == stock(**kw), case
+
+
+def test_capture_runs_attention_without_a_materialised_mask(backend):
+    model, inputs = _setup("llava", backend)
+    batch = inputs(_same_geometry("llava", 0))
+    seen = []
+    attn = model.model.language_model.layers[0].self_attn
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask") is None),
+                                          with_kwargs=True)
+    try:
+        with torch.no_grad(), fitprune.apply(model, Recipe(drop_fractions=RECIPE, family="llava")):
+            g = fitprune.graph_prefill(model, backend=backend)
+            with g:
+                model(**batch, use_cache=True)
+    finally:
+        hook.remove()
+    assert g.captures == 1 and seen and all(seen)  # warm-up and capture: SDPA keeps is_causal
