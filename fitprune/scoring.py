@@ -106,4 +106,4 @@ def select_drops(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor
     order = torch.sort(masked, dim=1, stable=True).indices
     k = torch.minimum(k, candidates.sum(1))
     ranks_dropped = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
-    return torch.zeros_like(candidates).scatter(1, order, ranks_dropped)
+    return torch.empty_like(candidates).scatter_(1, order, ranks_dropped)  # order covers every slot

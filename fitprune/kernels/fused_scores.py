@@ -317,14 +317,16 @@ def fused_cross_self(
     _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
                                       num_warps=ROW_STATS_WARPS)
 
-    # row weights; a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
-    t, v = text_rows.float(), visual_rows.float()
-    w_t = t / t.sum(1, keepdim=True).clamp(min=1)  # (B, R)
-    w_v = v / v.sum(1, keepdim=True).clamp(min=1)
-    dead = (row_max == NEG).all(1)  # (B, R)
-    uniform = torch.stack([(w_t * dead).sum(1), (w_v * dead).sum(1)], 1)[..., None] / kv_len  # (B, 2, 1)
-    w_t = w_t.masked_fill(dead, 0.0).contiguous()
-    w_v = w_v.masked_fill(dead, 0.0).contiguous()
+    # row weights t_r/|T| and v_r/|V|, stacked (2, B, R) so each half is a contiguous (B, R)
+    rows = torch.stack([text_rows, visual_rows]).float()
+    w = rows / rows.sum(2, keepdim=True).clamp(min=1)
+    uniform = None
+    if mode != CAUSAL:  # causal: every row allows key 0, so no row is dead (fewer kernels at batch 1)
+        # a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
+        dead = (row_max == NEG).all(1)  # (B, R)
+        uniform = (w * dead).sum(2).T[..., None] / kv_len  # (B, 2, 1)
+        w = w.masked_fill(dead, 0.0)
+    w_t, w_v = w[0], w[1]
 
     # pass 2: max over heads, weighted sums over rows; `splits` partials per column block
     n_cb = triton.cdiv(kv_len, block_n)
@@ -336,5 +338,7 @@ def fused_cross_self(
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, w_t, w_v, partial, *strides, *geometry,
                                      splits, **common, num_warps=CROSS_SELF_WARPS)
-    cs = partial.sum(1) + uniform  # (B, 2, Lkv)
+    cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
+    if uniform is not None:
+        cs = cs + uniform
     return cs[:, 0], cs[:, 1]
