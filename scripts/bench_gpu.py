@@ -712,7 +712,9 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
     args, parts = bench.args, bench.args.parts
     warmup, repeats = (1, max(1, args.repeats // 2)) if control else (max(1, args.warmup), args.repeats)
     handle = fitprune.apply(geo.model, m.recipe) if m.recipe is not None else contextlib.nullcontext()
-    graphed = fitprune.graph_prefill(geo.model) if m.graphs else contextlib.nullcontext()
+    # one graph at a time: generate's prefill (a cache argument) is another geometry than the timed prefill's,
+    # and each graph keeps a pool of one prefill's activations and KV cache (LLaVA-NeXT at batch 16: ~28 GB)
+    graphed = fitprune.graph_prefill(geo.model, max_graphs=1) if m.graphs else contextlib.nullcontext()
     with handle, graphed, torch.no_grad(), torch_scores(m.torch_scores):
         whole, lm, cold, report = bench.prefill(geo, inputs, warmup, repeats)
         if m.recipe is None:

@@ -14,7 +14,7 @@ __all__ = ["benchmark_rows", "import_benchmarks"]
 
 # what identifies the measured configuration (goes to the `config` JSON column)
 _CONFIG_KEYS = ("geometry", "batch", "method", "label", "budget", "recipe", "dtype", "attn", "sdpa_backends",
-                "tiny", "unit")
+                "tiny", "unit", "fused_scores", "cuda_graphs")
 _VERSION_KEYS = ("torch", "transformers", "fitprune")
 
 
