@@ -41,3 +41,16 @@ def test_not_a_bench_file_is_a_clear_error():
         benchmark_rows({"something": 1}, "r")
     with pytest.raises(ValueError, match="lacks"):
         benchmark_rows({"rows": [{"gpu": "x"}]}, "r")
+
+
+def test_graph_rows_are_told_apart_in_the_config(tmp_path):
+    doc = _doc()
+    doc["rows"].append(dict(doc["rows"][1], label="fitprune@60+graphs", cuda_graphs=True, value=84.3,
+                            ratio_vs_unpruned=0.548))
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    assert main(["--data-root", str(tmp_path / "root"), "import-benchmarks", str(path)]) == 0
+    got = catalog.query(
+        "SELECT json_extract_string(config, '$.label') FROM benchmarks "
+        "WHERE json_extract(config, '$.cuda_graphs')::BOOLEAN", root=tmp_path / "root")
+    assert got.column(0).to_pylist() == ["fitprune@60+graphs"]
