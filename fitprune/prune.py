@@ -439,13 +439,15 @@ class Pruner:
     def _k_tensor(self, counts: list[int], device) -> torch.Tensor:
         key = (tuple(counts), str(device))
         if key not in self._k_cache:
+            if len(self._k_cache) >= 4096:  # a long run over many batch compositions: start over
+                self._k_cache.clear()
             self._k_cache[key] = torch.tensor(counts, device=device)
         return self._k_cache[key]
 
     def _random_scores(self, shape: tuple[int, int], layer: int, device) -> torch.Tensor:
         key = (shape, layer, str(device))
         if key not in self._random_cache:
-            if len(self._random_cache) >= 4096:  # many distinct batch shapes: start over
+            if len(self._random_cache) >= 256:  # many distinct batch shapes: start over (bounds memory)
                 self._random_cache.clear()
             self._random_cache[key] = scoring.random_scores(shape, self.recipe.seed, layer, device)
         return self._random_cache[key]
