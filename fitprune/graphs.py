@@ -62,17 +62,23 @@ class _Entry:
     keep_alive: list = field(default_factory=list)  # tensors the graph reads that live outside its pool
 
 
+def _hand_over(cache: DynamicCache, layer_idx: int, keys, values, *args, **kwargs):
+    """Fill layer ``layer_idx`` of ``cache`` with ``keys``/``values``: an empty plain layer keeps the
+    tensors themselves (the stock ``DynamicLayer`` concatenates them onto an empty tensor, a copy);
+    other layers (sliding windows etc.) update as stock."""
+    DynamicCache.update(cache, keys[..., :0, :], values[..., :0, :], layer_idx, *args, **kwargs)  # makes the layer
+    layer = cache.layers[layer_idx]
+    if type(layer) is not DynamicLayer or layer.keys.shape[-2]:
+        return layer.update(keys, values, *args, **kwargs)
+    layer.keys, layer.values = keys, values
+    return keys, values
+
+
 class _NoCopyCache(DynamicCache):
-    """The cache a capture runs with: a plain layer keeps the states it is given (the stock
-    ``DynamicLayer`` concatenates them onto an empty tensor, a copy the replay would repeat)."""
+    """The cache a capture runs with: its layers keep the states they are given (:func:`_hand_over`)."""
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        super().update(key_states[..., :0, :], value_states[..., :0, :], layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
-        if type(layer) is not DynamicLayer or layer.keys.shape[-2]:
-            return layer.update(key_states, value_states, *args, **kwargs)  # sliding windows etc.: stock
-        layer.keys, layer.values = key_states, value_states
-        return key_states, value_states
+        return _hand_over(self, layer_idx, key_states, value_states, *args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -337,13 +343,8 @@ class PrefillGraphs:
                 cache = DynamicCache(config=self.lm.config)
             for i, layer in enumerate(cached.layers):
                 if type(layer) is DynamicLayer:  # one contiguous copy, handed over as the layer's states
-                    keys = layer.keys.clone(memory_format=torch.contiguous_format)
-                    values = layer.values.clone(memory_format=torch.contiguous_format)
-                    cache.update(keys[..., :0, :], values[..., :0, :], i)
-                    if type(cache.layers[i]) is DynamicLayer:
-                        cache.layers[i].keys, cache.layers[i].values = keys, values
-                        continue
-                    cache.layers[i].update(keys, values)
+                    _hand_over(cache, i, layer.keys.clone(memory_format=torch.contiguous_format),
+                               layer.values.clone(memory_format=torch.contiguous_format))
                 else:
                     cache.update(layer.keys, layer.values, i)  # the stock update copies
         fields = {}
