@@ -1,4 +1,4 @@
-"""Fit FitPrune recipes to FLOPs budgets by replaying the α-walk on stored statistics.
+"""Fit FitPrune recipes to FLOPs budgets: bisect α of the α-walk (:mod:`fitprune.alpha_walk`).
 
 DESIGN §2, "Fitting" (the *statistical* evaluation): for a tolerance α in [0, 1], walk the decoder
 layers in order; at each layer every sample drops the intersection of two sets of its alive visual
@@ -44,24 +44,21 @@ samples at once with numpy) and shared by every budget of a :func:`fit` call.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 
+from .alpha_walk import STOP_RULES, Prepared, check_budget, check_stop, mean_counts, truncate, walk
 from .calibration import CalibrationStats
-from .flops import CONVENTIONS, ModelDims, layer_macs
+from .cost import FEASIBLE_EPS, BudgetCheck, LayerCost, check_inputs, other_tokens, predicted_reduction, reduction
+from .cost import trim_counts as _trim
+from .flops import ModelDims
 from .recipe import Recipe
 
 __all__ = ["STOP_RULES", "FitResult", "fit", "predicted_reduction", "walk"]
-
-STOP_RULES = ("mean", "sample")  # "mean": the authors' check on the sample average; "sample": per sample
-_VISUAL_ONLY = frozenset({"fitprune-paper"})  # conventions that count visual tokens only
-_RATIO_EPS = 1e-9  # ragged counts: floor(mean(k * n_ref / n) + eps) absorbs float rounding
-_FEASIBLE_EPS = 1e-12  # a reduction this close below the budget counts as meeting it (float noise)
 
 
 @dataclass(frozen=True)
@@ -85,235 +82,6 @@ class FitResult:
     @property
     def budget(self) -> float:
         return float(self.recipe.budget)
-
-
-# -- costs ----------------------------------------------------------------------------------------
-
-
-class _Cost:
-    """Vectorised ``layer_macs``: every convention is ``D + A·n + B·n² + C·n'`` in the token counts."""
-
-    def __init__(self, dims: ModelDims, convention: str) -> None:
-        f = lambda n, n2: layer_macs(dims, n, n2, convention)  # noqa: E731
-        self.D = f(0, 0)
-        self.C = f(1, 1) - f(1, 0)
-        self.B = (f(2, 0) - 2 * f(1, 0) + self.D) / 2
-        self.A = f(1, 0) - self.D - self.B
-        for n, n2 in ((577.0, 301.0), (2880.0, 17.0)):
-            if not math.isclose(self(np.float64(n), np.float64(n2)), f(n, n2), rel_tol=1e-9):
-                raise NotImplementedError(f"convention {convention!r} is not quadratic in the token count")
-
-    def __call__(self, n_in: np.ndarray, n_out: np.ndarray) -> np.ndarray:
-        n_in = np.asarray(n_in, dtype=np.float64)
-        return self.D + self.A * n_in + self.B * n_in * n_in + self.C * np.asarray(n_out, dtype=np.float64)
-
-
-class _Budget:
-    """The budget check of one (convention, budget, stop rule) over a calibration set."""
-
-    def __init__(self, cost: _Cost, n_visual: np.ndarray, n_other: np.ndarray, L: int, budget: float, stop: str):
-        self.cost, self.n_visual, self.n_other, self.L, self.stop = cost, n_visual, n_other, L, stop
-        full = L * cost(n_visual + n_other, n_visual + n_other)  # (S,)
-        self.target = (1.0 - budget) * full  # (S,)
-        self.target_sum = (1.0 - budget) * math.fsum(full)
-
-    def stop_layers(self, counts: np.ndarray) -> np.ndarray:
-        """``(S,)`` first layer each sample stops pruning at (``L``: never), for unstopped ``counts`` ``(S, L)``."""
-        S, L = counts.shape
-        n_out = self.n_visual[:, None] - np.cumsum(counts, axis=1)  # (S, L): alive after layer l
-        n_in = np.concatenate([self.n_visual[:, None], n_out[:, :-1]], axis=1)  # (S, L): entering layer l
-        o = self.n_other[:, None]
-        layer = self.cost(n_in + o, n_out + o)  # (S, L)
-        spent = np.concatenate([np.zeros((S, 1)), np.cumsum(layer, axis=1)[:, :-1]], axis=1)  # before layer l
-        forecast = spent + (L - np.arange(L))[None, :] * self.cost(n_in + o, n_in + o)  # (S, L)
-        if self.stop == "sample":
-            fits = forecast <= self.target[:, None]
-            return np.where(fits.any(axis=1), fits.argmax(axis=1), L)
-        for l in range(L):
-            if math.fsum(forecast[:, l]) <= self.target_sum:
-                return np.full(S, l)
-        return np.full(S, L)
-
-
-def _n_other(stats: CalibrationStats, convention: str) -> np.ndarray:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown FLOPs convention {convention!r}; known: {', '.join(sorted(CONVENTIONS))}")
-    if convention in _VISUAL_ONLY:
-        return np.zeros(stats.num_samples, dtype=np.int64)
-    return stats.n_system + stats.n_text
-
-
-# -- the walk -------------------------------------------------------------------------------------
-
-
-class _Prepared:
-    """Per-layer sort orders of one calibration set, shared by every α (layout ``(L, S, V)``).
-
-    Holds ascending scores (float64), flat sort orders (intp) and ranks (int16) for both scores:
-    about 36 bytes per (sample, layer, token), ~440 MB for 655 x 32 x 576.
-    """
-
-    def __init__(self, stats: CalibrationStats) -> None:
-        if not stats.is_unpruned:
-            raise ValueError(
-                "the statistical fit needs statistics of an unpruned pass (n_alive == n_visual); "
-                "these come from a pruned pass: re-collect without a recipe"
-            )
-        S, L, V = stats.cross.shape
-        self.S, self.L, self.V = S, L, V
-        self.n_visual = stats.n_visual
-        self.exists = np.arange(V)[None, :] < stats.n_visual[:, None]  # (S, V)
-        self.cross_mass = np.ascontiguousarray(stats.cross_mass.T)  # (L, S)
-        self.self_mass = np.ascontiguousarray(stats.self_mass.T)
-        rows = (np.arange(S, dtype=np.intp) * V)[:, None]
-        self.sorted, self.flat_order, self.rank = [], [], []
-        for scores in (stats.cross, stats.self_):
-            vals = np.nan_to_num(scores.transpose(1, 0, 2), nan=np.inf)  # (L, S, V); missing tokens sort last
-            order = np.argsort(vals, axis=2, kind="stable")  # (L, S, V)
-            svals = np.take_along_axis(vals, order, axis=2).astype(np.float64)
-            svals[np.isinf(svals)] = 0.0
-            rank = np.empty(order.shape, dtype=np.int16 if V < 2**15 else np.int32)
-            np.put_along_axis(rank, order, np.arange(V, dtype=rank.dtype)[None, None, :], axis=2)
-            self.sorted.append(svals)
-            self.flat_order.append(order + rows[None])  # indices into alive.ravel()
-            self.rank.append(rank)
-
-    def run(self, alpha: float, stop_layer: np.ndarray | None = None, track: bool = False):
-        """Drop counts ``(S, L)`` of the α-walk; samples stop pruning at layer ``stop_layer[s]``.
-
-        With ``track``, also the surviving cross / self mass ``(S, L)`` after each layer's pruning.
-        """
-        S, L, V = self.S, self.L, self.V
-        counts = np.zeros((S, L), dtype=np.int64)
-        alive = self.exists.copy()
-        surv = (np.zeros((S, L)), np.zeros((S, L))) if track else None
-        keep = (1.0 - alpha)
-        buf = np.empty((S, V))
-        for l in range(L):
-            active = None if stop_layer is None else (l < stop_layer)
-            if alpha > 0.0 and (active is None or active.any()):
-                drop = alive.copy()
-                for i, mass in enumerate((self.cross_mass, self.self_mass)):
-                    a = np.take(alive, self.flat_order[i][l])  # (S, V) alive, in ascending-score order
-                    np.multiply(self.sorted[i][l], a, out=buf)
-                    np.cumsum(buf, axis=1, out=buf)  # prefix masses
-                    np.subtract(buf[:, -1:], buf, out=buf)  # surviving mass after dropping each prefix
-                    k = np.count_nonzero(buf >= (keep * mass[l])[:, None], axis=1)  # longest valid prefix
-                    drop &= self.rank[i][l] < k[:, None]
-                if active is not None:
-                    drop &= active[:, None]
-                counts[:, l] = np.count_nonzero(drop, axis=1)
-                alive &= ~drop
-            if track:
-                for i in range(2):
-                    kept = np.take(alive, self.flat_order[i][l])
-                    surv[i][:, l] = np.einsum("sv,sv->s", self.sorted[i][l], kept)
-        return (counts, surv) if track else counts
-
-
-def _check_inputs(stats: CalibrationStats, dims: ModelDims) -> None:
-    if not isinstance(stats, CalibrationStats):
-        raise TypeError(f"stats must be a CalibrationStats, got {type(stats).__name__}")
-    if not isinstance(dims, ModelDims):
-        raise TypeError(f"dims must be a fitprune.flops.ModelDims, got {type(dims).__name__}")
-    if stats.num_layers != dims.num_layers:
-        raise ValueError(
-            f"statistics have {stats.num_layers} layers but the model has {dims.num_layers}: "
-            "they come from another model; re-collect statistics for this checkpoint"
-        )
-
-
-def _check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, Real) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    return float(alpha)
-
-
-def _check_budget(budget: float) -> float:
-    if not isinstance(budget, Real) or isinstance(budget, bool) or not math.isfinite(float(budget)):
-        raise ValueError(f"budget must be a number, got {budget!r}")
-    if not 0.0 <= float(budget) < 1.0:
-        raise ValueError(
-            f"budget = {budget!r}: a budget is the fraction of prefill FLOPs to remove, in [0, 1) "
-            "(0.6 removes 60 %)"
-        )
-    return float(budget)
-
-
-def _check_stop(stop: str) -> None:
-    if stop not in STOP_RULES:
-        raise ValueError(f"unknown stop rule {stop!r}; known: {', '.join(STOP_RULES)}")
-
-
-def walk(
-    stats: CalibrationStats,
-    alpha: float,
-    dims: ModelDims,
-    budget: float,
-    convention: str = "full",
-    *,
-    stop: str = "mean",
-) -> np.ndarray:
-    """Per-sample drop counts ``(S, L)`` of the α-walk with the budget check (module docstring).
-
-    ``alpha = 0`` drops nothing (tokens of exactly zero score included); ``alpha = 1`` drops every
-    alive token at the first layer that the budget check lets prune.
-    """
-    _check_inputs(stats, dims)
-    alpha, budget = _check_alpha(alpha), _check_budget(budget)
-    _check_stop(stop)
-    check = _Budget(_Cost(dims, convention), stats.n_visual, _n_other(stats, convention), stats.num_layers, budget, stop)
-    prep = _Prepared(stats)
-    unstopped = prep.run(alpha)
-    return _truncate(unstopped, check.stop_layers(unstopped))
-
-
-def _truncate(counts: np.ndarray, stop_layer: np.ndarray) -> np.ndarray:
-    return np.where(np.arange(counts.shape[1])[None, :] < stop_layer[:, None], counts, 0)
-
-
-# -- recipes from walks ---------------------------------------------------------------------------
-
-
-def _mean_counts(counts: np.ndarray, n_visual: np.ndarray) -> tuple[list[int], int]:
-    """Floor of the per-layer mean drop count, on the grid of ``n_ref = max(n_visual)`` tokens."""
-    n_ref = int(n_visual.max())
-    if np.all(n_visual == n_ref):
-        return [int(c) for c in counts.sum(axis=0) // counts.shape[0]], n_ref  # exact integer floor
-    scaled = counts * (n_ref / n_visual)[:, None]
-    return [int(c) for c in np.floor(scaled.mean(axis=0) + _RATIO_EPS)], n_ref
-
-
-def _schedule(fractions: Sequence[float], n_visual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``Recipe.drop_counts`` for every sample: tokens entering / leaving each layer, ``(S, L)`` each."""
-    left = n_visual.astype(np.int64)
-    n_in, n_out = [], []
-    for f in fractions:
-        k = np.minimum(np.floor(f * n_visual + 1e-6).astype(np.int64), left)  # Recipe.drop_counts' float ops
-        n_in.append(left)
-        left = left - k
-        n_out.append(left)
-    return np.stack(n_in, axis=1), np.stack(n_out, axis=1)
-
-
-def _reduction(fractions: Sequence[float], cost: _Cost, n_visual: np.ndarray, n_other: np.ndarray, L: int) -> float:
-    n_in, n_out = _schedule(fractions, n_visual)
-    o = n_other[:, None]
-    pruned = math.fsum(cost(n_in + o, n_out + o).sum(axis=1))
-    full = math.fsum(L * cost(n_visual + n_other, n_visual + n_other))
-    return 1.0 - pruned / full if full else 0.0
-
-
-def predicted_reduction(recipe: Recipe, stats: CalibrationStats, dims: ModelDims, convention: str = "full") -> float:
-    """Fraction of the calibration set's total prefill MACs that ``recipe`` removes.
-
-    ``1 - sum_s pruned_s / sum_s unpruned_s`` over the samples' own token counts (visual only under
-    ``"fitprune-paper"``). With equal counts it equals ``flops.recipe_reduction`` for those counts.
-    """
-    _check_inputs(stats, dims)
-    if recipe.num_layers != dims.num_layers:
-        raise ValueError(f"recipe has {recipe.num_layers} layers, the model has {dims.num_layers}")
-    return _reduction(recipe.drop_fractions, _Cost(dims, convention), stats.n_visual, _n_other(stats, convention), dims.num_layers)
 
 
 # -- the fit --------------------------------------------------------------------------------------
@@ -344,6 +112,9 @@ def fit(
     walker: Callable[[float], np.ndarray] | None = None,
     checkpoint: str | None = None,
     allow_other_checkpoint: bool = False,
+    start: int = 0,
+    cap: float | None = None,
+    prepared: Prepared | None = None,
 ) -> list[FitResult]:
     """Fit one recipe per budget (same order as ``budgets``); deterministic.
 
@@ -373,8 +144,18 @@ def fit(
     the budget stop, averaging, search, trimming and envelope stay the same. ``stats`` then only
     supplies token counts and ids, and the per-layer mass losses are NaN (the walker's token sets
     are unknown here).
+
+    ``start`` and ``cap`` constrain the statistical walk (:meth:`fitprune.alpha_walk.Prepared.run`):
+    no layer before ``start`` prunes, no layer drops more than ``cap`` of the initial visual tokens.
+    ``prepared``: the sort orders of ``stats`` from an earlier call (:class:`Prepared`), reused.
     """
-    _check_inputs(stats, dims)
+    check_inputs(stats, dims)
+    if not isinstance(start, Integral) or isinstance(start, bool) or not 0 <= start < dims.num_layers:
+        raise ValueError(f"start = {start!r}: the first layer allowed to prune, an integer in [0, {dims.num_layers})")
+    if cap is not None and not (isinstance(cap, Real) and 0.0 < float(cap) <= 1.0):
+        raise ValueError(f"cap = {cap!r}: the most a layer may drop, a fraction of the visual tokens in (0, 1]")
+    if walker is not None and (start or cap is not None):
+        raise ValueError("start and cap constrain the statistical walk; a walker runs its own")
     if checkpoint is not None and stats.checkpoint is not None and stats.checkpoint != checkpoint:
         if not allow_other_checkpoint:
             raise ValueError(
@@ -382,48 +163,52 @@ def fit(
                 "for this checkpoint, or pass allow_other_checkpoint=True to fit them anyway"
             )
         warnings.warn(f"fitting statistics of checkpoint {stats.checkpoint} for {checkpoint} (explicit override)")
-    budgets = [_check_budget(b) for b in budgets]
+    budgets = [check_budget(b) for b in budgets]
     if not budgets:
         return []
-    _check_stop(stop)
+    check_stop(stop)
     if not (isinstance(tol, Real) and 0.0 < float(tol) < 1.0):
         raise ValueError(f"tol must be in (0, 1), got {tol!r}")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
 
     L = dims.num_layers
-    cost = _Cost(dims, convention)
-    n_other = _n_other(stats, convention)
-    prep = _Prepared(stats) if walker is None else None
+    cost = LayerCost(dims, convention)
+    n_other = other_tokens(stats, convention)
+    prep = (prepared if prepared is not None else Prepared(stats)) if walker is None else None
+    if prep is not None and (prep.S, prep.L) != (stats.num_samples, stats.num_layers):
+        raise ValueError(f"prepared holds {prep.S} samples x {prep.L} layers; these statistics have "
+                         f"{stats.num_samples} x {stats.num_layers}: prepare them from the same statistics")
+    constraint = {"start": int(start), "cap": None if cap is None else float(cap)}
     walks: dict[float, np.ndarray] = {}  # α -> unstopped counts (S, L)
 
     def unstopped(alpha: float) -> np.ndarray:
         if alpha not in walks:
-            walks[alpha] = prep.run(alpha) if walker is None else _checked_walk(walker(alpha), stats, alpha)
+            walks[alpha] = prep.run(alpha, **constraint) if walker is None else _checked_walk(walker(alpha), stats, alpha)
         return walks[alpha]
 
-    def trial(alpha: float, check: _Budget) -> _Trial:
+    def trial(alpha: float, check: BudgetCheck) -> _Trial:
         counts = unstopped(alpha)
         stop_layer = check.stop_layers(counts)
-        mean, n_ref = _mean_counts(_truncate(counts, stop_layer), stats.n_visual)
-        red = _reduction([c / n_ref for c in mean], cost, stats.n_visual, n_other, L)
+        mean, n_ref = mean_counts(truncate(counts, stop_layer), stats.n_visual)
+        red = reduction([c / n_ref for c in mean], cost, stats.n_visual, n_other, L)
         return _Trial(alpha, mean, n_ref, red, stop_layer)
 
     def search(budget: float) -> tuple[_Trial, bool, int, tuple[float, float]]:
         n_ref = int(stats.n_visual.max())
         if budget == 0.0:
             return _Trial(0.0, [0] * L, n_ref, 0.0, np.zeros(stats.num_samples, dtype=np.int64)), True, 0, (0.0, 0.0)
-        check = _Budget(cost, stats.n_visual, n_other, L, budget, stop)
+        check = BudgetCheck(cost, stats.n_visual, n_other, L, budget, stop)
         best = trial(1.0, check)
         evals = 1
-        if best.reduction < budget - _FEASIBLE_EPS:
+        if best.reduction < budget - FEASIBLE_EPS:
             return best, False, evals, (1.0, 1.0)
         lo, hi = 0.0, 1.0
         while hi - lo > tol + 1e-12 and evals < max_iter:
             mid = (lo + hi) / 2
             t = trial(mid, check)
             evals += 1
-            if t.reduction >= budget - _FEASIBLE_EPS:
+            if t.reduction >= budget - FEASIBLE_EPS:
                 hi, best = mid, t
             else:
                 lo = mid
@@ -432,7 +217,7 @@ def fit(
     def meets(counts: list[int], n_ref: int, budget: float, floor: np.ndarray | None) -> bool:
         if floor is not None and np.any(np.cumsum(counts) < floor):
             return False
-        return _reduction([x / n_ref for x in counts], cost, stats.n_visual, n_other, L) >= budget - _FEASIBLE_EPS
+        return reduction([x / n_ref for x in counts], cost, stats.n_visual, n_other, L) >= budget - FEASIBLE_EPS
 
     results: dict[float, FitResult] = {}
     floor = None  # (L,) cumulative drops of the largest budget done so far (monotone envelope)
@@ -452,7 +237,7 @@ def fit(
         if not feasible:
             warnings.warn(
                 f"budget {b:g} cannot be met under the {convention!r} FLOPs convention: dropping every visual "
-                f"token after layer 0 removes only {t.reduction:.4f} of the prefill; returning that recipe with "
+                f"token after layer {start}{'' if cap is None else f' (at most {cap:g} per layer)'} removes only {t.reduction:.4f} of the prefill; returning that recipe with "
                 "feasible=False (layer 0 always runs on every token, and under 'full' system and text tokens are "
                 "never dropped)",
                 stacklevel=2,
@@ -460,7 +245,7 @@ def fit(
         if prep is None:
             loss = [np.full(L, np.nan)] * 2
         else:
-            _, surv = prep.run(t.alpha, stop_layer=t.stop_layer, track=True)
+            _, surv = prep.run(t.alpha, stop_layer=t.stop_layer, track=True, **constraint)
             with np.errstate(invalid="ignore", divide="ignore"):
                 loss = [np.where(m > 0, 1.0 - s / m, 0.0).mean(axis=0) for s, m in zip(surv, (stats.cross_mass, stats.self_mass))]
         metadata = {
@@ -474,6 +259,8 @@ def fit(
             "tol": float(tol),
             "trimmed": n_trimmed,
         }
+        if start or cap is not None:
+            metadata.update(start=int(start), cap=None if cap is None else float(cap))
         if adjusted:
             metadata["monotone_adjusted"] = True
         recipe = Recipe.from_counts(
@@ -490,7 +277,7 @@ def fit(
         results[b] = FitResult(
             recipe=recipe,
             alpha=t.alpha,
-            predicted_reduction=_reduction(recipe.drop_fractions, cost, stats.n_visual, n_other, L),
+            predicted_reduction=reduction(recipe.drop_fractions, cost, stats.n_visual, n_other, L),
             feasible=feasible,
             per_layer_mass_loss=tuple(float(x) for x in loss[0]),
             per_layer_self_mass_loss=tuple(float(x) for x in loss[1]),
@@ -511,27 +298,3 @@ def _checked_walk(counts, stats: CalibrationStats, alpha: float) -> np.ndarray:
     if counts.min(initial=0) < 0 or np.any(counts.sum(axis=1) > stats.n_visual):
         raise ValueError(f"walker({alpha}) returned negative counts or drops more tokens than a sample has")
     return counts.astype(np.int64)
-
-
-def _trim(counts: list[int], meets: Callable[[list[int]], bool]) -> tuple[list[int], int]:
-    """Take drops back from the deepest pruned layers while ``meets(counts)`` holds.
-
-    ``meets`` must be monotone (fewer drops never helps) and hold for ``counts``. Returns the new
-    counts and how many drops were taken back.
-    """
-    counts, removed = list(counts), 0
-    for l in reversed(range(len(counts))):
-        if counts[l] == 0:
-            continue
-        lo, hi = 0, counts[l]  # take back r drops, r in [lo, hi]; r = lo is known to be fine
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if meets(counts[:l] + [counts[l] - mid] + counts[l + 1:]):
-                lo = mid
-            else:
-                hi = mid - 1
-        counts[l] -= lo
-        removed += lo
-        if counts[l] > 0:
-            break
-    return counts, removed

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pytest
 
 from fitprune.calibration import LAYER_SCHEMA, TOKEN_SCHEMA, CalibrationStats, synthetic_stats
-from fitprune.fit import _Prepared, fit, predicted_reduction, walk
+from fitprune.alpha_walk import Prepared as _Prepared
+from fitprune.fit import fit, predicted_reduction, walk
 from fitprune.flops import ModelDims, layer_macs, prefill_macs, recipe_reduction, recipe_token_schedule
 from fitprune.recipe import Recipe
 

@@ -1,0 +1,519 @@
+"""Fit each budget to the recipe that changes the model's answers least (DESIGN §2b).
+
+The α-walk (:mod:`fitprune.fit`) fits a schedule to attention mass, a proxy. This module searches
+schedules directly for the one whose output divergence (:mod:`fitprune.divergence`, KL of the
+next-token distribution against the unpruned model, no labels) is smallest at the budget:
+
+1. **Seeds**, each projected onto the budget (:func:`project`: the schedule's shape is kept and
+   scaled until the predicted reduction on the calibration token counts just meets the budget):
+   the α-walk (statistical; refined and progressive when asked), the α-walk with a constrained
+   first pruning layer and a per-layer cap, one pruning layer at each K (FastV's shape), FastV
+   itself (K = 2), multi-stage pyramids (PDrop's and two-/three-stage shapes), and any recipes the
+   caller adds; each with c·s and with FastV scoring.
+2. **Ranking** on the *search* split of the calibration batches.
+3. **Local moves** from the best seeds: shift part of a layer's drops to the next or previous
+   layer, move the first pruning layer, split a single pruning layer in two, swap the scoring;
+   each move is projected back onto the budget (equal FLOPs). Greedy best-improvement, with the
+   step halved when no move helps.
+4. **Decision** on the *held-out* split: every seed and every local-search end point is measured
+   there, and the least divergent recipe whose *measured* reduction meets the budget wins. Both
+   divergences are reported, so overfitting to the search split shows.
+
+Because every seed is among the decided candidates, the result's held-out divergence is never
+above that of any seed, the baselines included. Whether that carries over to test accuracy is the
+measured claim (README, "Recipes that win").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from torch import nn
+
+from .alpha_walk import Prepared
+from .baselines import pyramid
+from .calibration import CalibrationStats
+from .cost import FEASIBLE_EPS, TokenCounts, trim_counts
+from .divergence import Divergence, NonFiniteDivergence, Reference, divergence, reference
+from .fit import fit
+from .flops import ModelDims
+from .recipe import Recipe
+
+__all__ = ["SCORINGS", "Candidate", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
+
+SCORINGS = ("fitprune", "fastv")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What the search tries. ``full()`` is the GPU default; ``small()`` the 2-core CPU main job's.
+
+    Layers are FastV's K (tokens gone from layer K on; the recipe entry sits at index K-1).
+    ``walk_starts`` are first-layer constraints of the α-walk (entry indices), ``walk_caps`` its
+    per-layer caps (fractions of the visual tokens; ``None``: no cap). ``shares``: fraction of the
+    drops at the first stage of a two-stage pyramid. ``finalists`` seeds get ``rounds`` of local
+    moves; ``max_evals`` bounds the divergence passes per budget. ``heldout``: fraction of the
+    calibration batches kept out of the search to decide. ``tokens``: answer positions in the KL.
+    ``tolerance``: the decided recipe's measured reduction lies in [budget, budget + tolerance].
+    ``refine`` / ``progressive``: also seed with the refined / progressive α-walk (live passes).
+    """
+
+    first_layers: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10)
+    pyramids: tuple[tuple[int, ...], ...] = ((2, 6), (2, 8), (3, 8), (4, 10), (2, 6, 12), (3, 9, 16))
+    shares: tuple[float, ...] = (0.5, 0.7, 0.85)
+    walk_starts: tuple[int, ...] = (0, 1, 2, 4)
+    walk_caps: tuple[float | None, ...] = (None, 0.5)
+    scorings: tuple[str, ...] = SCORINGS
+    finalists: int = 3
+    rounds: int = 6
+    max_evals: int = 300
+    heldout: float = 0.5
+    tokens: int = 1
+    tolerance: float = 0.01
+    refine: bool = True
+    progressive: bool = False
+
+    @classmethod
+    def full(cls, **changes) -> SearchConfig:
+        return replace(cls(), **changes)
+
+    @classmethod
+    def small(cls, **changes) -> SearchConfig:
+        """A search a 2-core CPU runs in about a minute per budget on the demo model."""
+        base = cls(first_layers=(2, 4), pyramids=((2, 6),), shares=(0.7,), walk_starts=(0, 2), walk_caps=(None,),
+                   scorings=("fitprune",), finalists=1, rounds=1, max_evals=14, refine=False, progressive=False)
+        return replace(base, **changes)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.scorings if s not in SCORINGS]
+        if bad or not self.scorings:
+            raise ValueError(f"scorings {list(self.scorings)}: pick one or more of {', '.join(SCORINGS)}")
+        if not 0.0 < self.heldout < 1.0:
+            raise ValueError(f"heldout = {self.heldout!r}: the fraction of calibration batches held out, in (0, 1)")
+        for name in ("finalists", "max_evals", "tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} = {v!r}: must be a positive integer")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"rounds = {self.rounds!r}: must be a non-negative integer")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"tolerance = {self.tolerance!r}: the allowed overshoot of the budget, in [0, 1)")
+
+
+@dataclass
+class Candidate:
+    """One schedule at one budget: per-layer drop fractions, a scoring rule, where it came from."""
+
+    fractions: tuple[float, ...]
+    scoring: str
+    origin: str
+    predicted: float = float("nan")
+    search: Divergence | None = None
+    heldout: Divergence | None = None
+    seed: bool = True
+    meta: dict = field(default_factory=dict)
+
+    def recipe(self, **fields) -> Recipe:
+        return Recipe(tuple(float(f) for f in self.fractions), scoring=self.scoring, **fields)
+
+    def row(self, n_ref: int) -> dict:
+        """A JSON-able summary (drop counts on the ``n_ref`` grid)."""
+        r = Recipe(tuple(self.fractions), scoring=self.scoring)
+        return {"origin": self.origin, "scoring": self.scoring, "seed": self.seed, "drops": r.drop_counts(n_ref),
+                "predicted_reduction": self.predicted,
+                "kl_search": None if self.search is None else self.search.kl,
+                "kl_heldout": None if self.heldout is None else self.heldout.kl,
+                "measured_reduction": None if self.search is None else self.search.flops_reduction}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The decided recipe of one budget, its divergences, and what the search saw.
+
+    ``divergence``: KL on the held-out split (what decided); ``divergence_search``: on the search
+    split; ``measured_reduction``: FLOPs removed, measured on all calibration samples;
+    ``best_seed``: the seed with the least held-out KL (origin and KL), for the gain of the local
+    moves; ``candidates``: every candidate evaluated (:meth:`Candidate.row`).
+    """
+
+    recipe: Recipe
+    budget: float
+    feasible: bool
+    divergence: float
+    divergence_search: float
+    measured_reduction: float
+    origin: str
+    evaluations: int
+    seconds: float
+    best_seed: dict
+    candidates: tuple[dict, ...]
+
+
+# -- splitting and projecting ----------------------------------------------------------------------
+
+
+def split_batches(batches: Sequence, heldout: float) -> tuple[list[int], list[int]]:
+    """Indices of the search and held-out batches: every ``round(1/heldout)``-th batch is held out
+    (the last batch when that picks none). The two parts are disjoint and cover every batch.
+
+    Raises ``ValueError`` when either part would be empty (fewer than two batches).
+    """
+    n = len(batches)
+    if n < 2:
+        raise ValueError(
+            f"the calibration set comes in {n} batch(es); holding a part out to decide needs at least 2: use a "
+            "smaller batch size or more calibration samples"
+        )
+    every = max(2, round(1.0 / heldout))
+    held = [i for i in range(n) if i % every == every - 1] or [n - 1]
+    return [i for i in range(n) if i not in held], held
+
+
+def project(shape: Sequence[float], counts: TokenCounts, budget: float) -> tuple[tuple[float, ...], float] | None:
+    """Scale ``shape`` (per-layer drop fractions) to the least drops whose predicted reduction meets ``budget``.
+
+    The scaled counts are then trimmed at token granularity (the deepest layers give drops back
+    while the budget stays met). Returns ``(fractions, predicted reduction)``, or ``None`` when even dropping every token at
+    the shape's first pruning layer falls short.
+    """
+    s = np.clip(np.asarray(shape, dtype=np.float64), 0.0, None)
+    nz = np.flatnonzero(s > 0)
+    if nz.size == 0:
+        return ((0.0,) * len(s), 0.0) if budget <= 0 else None
+    top = 1.0 / s[nz[0]]  # the first pruning layer then drops every token
+
+    def at(p: float) -> tuple[float, ...]:
+        f = np.minimum(p * s, 1.0)
+        cum = np.minimum(np.cumsum(f), 1.0)
+        return tuple(float(x) for x in np.diff(cum, prepend=0.0))
+
+    if counts.reduction(at(top)) < budget - FEASIBLE_EPS:
+        return None
+    lo, hi = 0.0, top
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if counts.reduction(at(mid)) >= budget - FEASIBLE_EPS:
+            hi = mid
+        else:
+            lo = mid
+    # on the grid of the largest visual count, take back the deepest drops the budget can spare
+    n_ref = int(counts.n_visual.max())
+    grid = Recipe(at(hi)).drop_counts(n_ref)
+    grid, _ = trim_counts(grid, lambda c: counts.reduction([x / n_ref for x in c]) >= budget - FEASIBLE_EPS)
+    f = tuple(x / n_ref for x in grid)
+    return f, counts.reduction(f)
+
+
+# -- seeds and moves -------------------------------------------------------------------------------
+
+
+def _one_hot(L: int, entries: Mapping[int, float]) -> list[float]:
+    v = [0.0] * L
+    for i, x in entries.items():
+        if 0 <= i < L:
+            v[i] += x
+    return v
+
+
+def _shape_seeds(L: int, config: SearchConfig) -> list[tuple[list[float], str]]:
+    out = [(_one_hot(L, {k - 1: 1.0}), f"layer K={k}") for k in config.first_layers if 1 <= k <= L]
+    for stages in config.pyramids:
+        stages = [k for k in stages if 1 <= k <= L]
+        if len(stages) < 2:
+            continue
+        for share in config.shares:
+            rest = 1.0 - share
+            tail = [rest * w / sum(0.6 ** j for j in range(len(stages) - 1)) for w in
+                    (0.6 ** j for j in range(len(stages) - 1))]
+            weights = [share] + tail
+            name = "+".join(str(k) for k in stages)
+            out.append((_one_hot(L, {k - 1: w for k, w in zip(stages, weights)}), f"pyramid {name} share {share:g}"))
+    return out
+
+
+def _neighbours(c: Candidate, step: float) -> list[tuple[list[float], str, str]]:
+    """Shapes one local move away from ``c``: (fractions, scoring, move name)."""
+    f = list(c.fractions)
+    L = len(f)
+    nz = [i for i, x in enumerate(f) if x > 0]
+    if not nz:
+        return []
+    out = []
+    for i in sorted(nz, key=lambda i: -f[i])[:4]:  # the four largest pruning layers
+        for j in (i - 1, i + 1):
+            if 0 <= j < L:
+                g = list(f)
+                moved = step * g[i]
+                g[i] -= moved
+                g[j] += moved
+                out.append((g, c.scoring, f"shift {step:g} {i}->{j}"))
+    first = nz[0]
+    for j in (first - 1, first + 1):
+        if 0 <= j < L and (j < first or len(nz) == 1 or j < nz[1]):
+            g = list(f)
+            g[j] += g[first]
+            g[first] = 0.0
+            out.append((g, c.scoring, f"first {first}->{j}"))
+    if len(nz) == 1:
+        for gap in (2, 4):
+            j = first + gap
+            if j < L:
+                g = list(f)
+                g[j] = step * g[first]
+                g[first] -= g[j]
+                out.append((g, c.scoring, f"split {step:g} {first}->{j}"))
+    for other in SCORINGS:
+        if other != c.scoring:
+            out.append((f, other, f"scoring {other}"))
+    return out
+
+
+# -- the search ------------------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """Divergence passes with a cache (one per distinct recipe and split) and a pass counter."""
+
+    def __init__(self, model, batches, refs: dict[str, Reference], n_ref: int, log):
+        self.model, self.batches, self.refs, self.n_ref, self.log = model, batches, refs, n_ref, log
+        self.cache: dict[tuple, Divergence] = {}
+        self.passes = 0
+
+    def key(self, c: Candidate) -> tuple:
+        return (c.scoring, tuple(Recipe(tuple(c.fractions)).drop_counts(self.n_ref)))
+
+    def __call__(self, c: Candidate, split: str) -> Divergence:
+        k = (split,) + self.key(c)
+        if k not in self.cache:
+            self.cache[k] = divergence(self.model, self.batches[split], c.recipe(), self.refs[split])
+            self.passes += 1
+        d = self.cache[k]
+        setattr(c, split, d)
+        return d
+
+
+def _rank(c: Candidate, split: str) -> float:
+    d = getattr(c, split)
+    return d.kl if d is not None and d.finite else math.inf
+
+
+def search(
+    model: nn.Module,
+    batches: Sequence,
+    stats: CalibrationStats,
+    budgets: Sequence[float],
+    dims: ModelDims,
+    *,
+    config: SearchConfig | None = None,
+    convention: str = "full",
+    family: str | None = None,
+    seeds: Mapping[float, Sequence[Recipe]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[SearchResult]:
+    """The least divergent recipe per budget (module docstring); results in the order of ``budgets``.
+
+    ``batches``: the calibration batches ``stats`` was collected from, in the same order (the
+    unpruned statistics seed the α-walks). ``seeds``: extra recipes per budget (e.g. a user's own),
+    projected onto the budget like the built-in seeds. A budget no candidate meets gives a result
+    with ``feasible=False`` (the candidate that prunes most, undecided by divergence) and a warning.
+    """
+    config = config or SearchConfig()
+    say = log or (lambda msg: None)
+    batches = list(batches)
+    n_batch = [int(b["input_ids"].shape[0]) for b in batches]
+    if sum(n_batch) != stats.num_samples:
+        raise ValueError(f"the batches hold {sum(n_batch)} samples but the statistics {stats.num_samples}: pass the "
+                         "calibration batches the statistics were collected from, in the same order")
+    if convention != "full":
+        raise ValueError(f"the search measures FLOPs from executed token counts ('full' convention), not {convention!r}")
+    budgets = [float(b) for b in budgets]
+    bad = [b for b in budgets if not 0.0 < b < 1.0]
+    if bad:
+        raise ValueError(f"budgets must lie in (0, 1) (fractions of prefill FLOPs to remove); got {bad}")
+    search_idx, held_idx = split_batches(batches, config.heldout)
+    offsets = np.concatenate([[0], np.cumsum(n_batch)])
+    rows = {name: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])
+            for name, idx in (("search", search_idx), ("heldout", held_idx))}
+    split_stats = {name: stats.subset(r) for name, r in rows.items()}
+    parts = {"search": [batches[i] for i in search_idx], "heldout": [batches[i] for i in held_idx]}
+    say(f"search: {len(rows['search'])} samples to search, {len(rows['heldout'])} held out to decide")
+    refs = {name: reference(model, parts[name], tokens=config.tokens) for name in parts}
+    counts = TokenCounts(stats, dims, convention)
+    n_ref = int(stats.n_visual.max())
+    L = dims.num_layers
+    family = family if family is not None else stats.family
+    evaluate = _Evaluator(model, parts, refs, n_ref, say)
+    walk_seeds = _walk_seeds(model, parts["search"], split_stats["search"], budgets, dims, config, family)
+    results = []
+    for b in budgets:
+        t0, passes0 = time.perf_counter(), evaluate.passes
+        pool = _seeds(b, L, config, counts, walk_seeds.get(b, []), list((seeds or {}).get(b, [])), n_ref)
+        if not pool:
+            results.append(_infeasible(b, L, counts, family, stats, convention))
+            continue
+        for c in pool:
+            evaluate(c, "search")
+            evaluate(c, "heldout")
+        finite = [c for c in pool if math.isfinite(_rank(c, "search"))]
+        if not finite:
+            raise NonFiniteDivergence(f"budget {b:g}: every candidate's divergence is NaN or infinite on the search "
+                                      "split; the pruned model's logits are not finite (check the dtype)")
+        say(f"budget {b:g}: {len(pool)} seeds, best on search "
+            f"{min(finite, key=lambda c: _rank(c, 'search')).origin} ({min(_rank(c, 'search') for c in finite):.4f})")
+        ends = _local_search(sorted(finite, key=lambda c: _rank(c, "search"))[:config.finalists], b, counts, config,
+                             evaluate, passes0)
+        for c in ends:
+            evaluate(c, "heldout")
+        decided = _decide(pool + ends, b, config.tolerance)
+        if decided is None:
+            results.append(_infeasible(b, L, counts, family, stats, convention))
+            continue
+        best_seed = min(pool, key=lambda c: _rank(c, "heldout"))
+        n_all = len(rows["search"]) + len(rows["heldout"])
+        measured = _combined_reduction(decided)
+        seconds = time.perf_counter() - t0
+        meta = {"fit": "divergence-search", "origin": decided.origin, "calibration": stats.calib_id,
+                "n_samples": n_all, "n_search": len(rows["search"]), "n_heldout": len(rows["heldout"]),
+                "divergence": decided.heldout.kl, "divergence_search": decided.search.kl,
+                "measured_reduction": measured, "predicted_reduction": decided.predicted,
+                "best_seed": {"origin": best_seed.origin, "divergence": best_seed.heldout.kl,
+                              "divergence_search": best_seed.search.kl},
+                "evaluations": evaluate.passes - passes0, "seconds": seconds, "tokens": config.tokens,
+                "n_visual_ref": n_ref}
+        recipe = decided.recipe(method="fitprune", family=family, checkpoint=stats.checkpoint, budget=b,
+                                flops_convention=convention, metadata=meta)
+        say(f"budget {b:g}: decided {decided.origin} ({decided.scoring}), KL held-out {decided.heldout.kl:.4f} "
+            f"(search {decided.search.kl:.4f}; best seed {best_seed.origin} {best_seed.heldout.kl:.4f}), measured "
+            f"−{measured:.4f}, {meta['evaluations']} passes, {seconds:.1f}s")
+        results.append(SearchResult(recipe=recipe, budget=b, feasible=True, divergence=decided.heldout.kl,
+                                    divergence_search=decided.search.kl, measured_reduction=measured,
+                                    origin=decided.origin, evaluations=meta["evaluations"], seconds=seconds,
+                                    best_seed=meta["best_seed"],
+                                    candidates=tuple(c.row(n_ref) for c in pool + ends)))
+    return results
+
+
+def _combined_reduction(c: Candidate) -> float:
+    """Reduction measured on both splits together: ``1 - Σ pruned / Σ unpruned`` over every sample."""
+    return 1.0 - (c.search.flops_pruned + c.heldout.flops_pruned) / (c.search.flops_full + c.heldout.flops_full)
+
+
+def _walk_seeds(model, batches, stats: CalibrationStats, budgets, dims, config: SearchConfig, family):
+    """α-walk recipes per budget: statistical (with each first-layer / cap constraint), refined, progressive."""
+    out: dict[float, list[tuple[Recipe, str]]] = {b: [] for b in budgets}
+    prepared = Prepared(stats)
+    statistical = None
+    for start in config.walk_starts:
+        for cap in config.walk_caps:
+            if start >= dims.num_layers:
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an unreachable constrained budget is just not a seed
+                fitted = fit(stats, budgets, dims, family=family, start=start, cap=cap, prepared=prepared)
+            for b, r in zip(budgets, fitted):
+                if r.feasible:
+                    name = "α-walk" + (f" start {start}" if start else "") + (f" cap {cap:g}" if cap else "")
+                    out[b].append((r.recipe, name))
+            if start == 0 and cap is None:
+                statistical = fitted
+    if statistical is None:
+        statistical = fit(stats, budgets, dims, family=family, prepared=prepared)
+    if config.refine:
+        from .progressive import refine
+
+        for b, r in zip(budgets, statistical):
+            if r.feasible:
+                out[b].append((refine(model, batches, r, dims).after.recipe, "α-walk refined"))
+    if config.progressive:
+        from .progressive import fit_progressive
+
+        for b, r in zip(budgets, fit_progressive(model, batches, stats, budgets, dims, family=family)):
+            if r.feasible:
+                out[b].append((r.recipe, "α-walk progressive"))
+    return out
+
+
+def _seeds(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]:
+    shapes: list[tuple[Sequence[float], str, str]] = []
+    for recipe, name in walks:
+        for scoring in config.scorings:
+            shapes.append((recipe.drop_fractions, scoring, name))
+    for shape, name in _shape_seeds(L, config):
+        for scoring in config.scorings:
+            shapes.append((shape, scoring, name))
+    shapes.append((_one_hot(L, {1: 1.0}), "fastv", "FastV K=2"))  # the baselines, with their own scoring
+    shapes.append((pyramid(L, keep=0.5).drop_fractions, "fastv", "PDrop pyramid"))
+    for r in extra:
+        shapes.append((r.drop_fractions, r.scoring if r.scoring in SCORINGS else "fitprune",
+                       f"given {r.method or 'recipe'}"))
+    pool, seen = [], set()
+    for shape, scoring, name in shapes:
+        p = project(shape, counts, budget)
+        if p is None:
+            continue
+        fractions, predicted = p
+        key = (scoring, tuple(Recipe(fractions).drop_counts(n_ref)))
+        if key in seen:
+            continue
+        seen.add(key)
+        pool.append(Candidate(fractions, scoring, f"{name} ({scoring})", predicted=predicted))
+    return pool
+
+
+def _local_search(starts: list[Candidate], budget, counts, config: SearchConfig, evaluate: _Evaluator, passes0: int):
+    """Greedy best-improvement from each start on the search split; returns the end points."""
+    ends = []
+    for c in starts:
+        best, step = c, 0.5
+        for _ in range(config.rounds):
+            if evaluate.passes - passes0 >= config.max_evals:
+                break
+            tried = []
+            for shape, scoring, move in _neighbours(best, step):
+                if evaluate.passes - passes0 >= config.max_evals:
+                    break
+                p = project(shape, counts, budget)
+                if p is None:
+                    continue
+                n = Candidate(p[0], scoring, f"{best.origin} · {move}", predicted=p[1], seed=False)
+                evaluate(n, "search")
+                tried.append(n)
+            better = [n for n in tried if _rank(n, "search") < _rank(best, "search")]
+            if better:
+                best = min(better, key=lambda n: _rank(n, "search"))
+            elif step > 0.2:
+                step /= 2
+            else:
+                break
+        if best is not c:
+            ends.append(best)
+    return ends
+
+
+def _decide(cands: list[Candidate], budget: float, tolerance: float) -> Candidate | None:
+    ok = []
+    for c in cands:
+        if c.search is None or c.heldout is None or not (c.search.finite and c.heldout.finite):
+            continue
+        m = _combined_reduction(c)
+        if budget - 1e-9 <= m <= budget + tolerance + 1e-9:
+            ok.append(c)
+    return min(ok, key=lambda c: (c.heldout.kl, c.search.kl)) if ok else None
+
+
+def _infeasible(budget, L, counts: TokenCounts, family, stats, convention) -> SearchResult:
+    everything = (1.0,) + (0.0,) * (L - 1)
+    red = counts.reduction(everything)
+    warnings.warn(f"budget {budget:g}: no candidate meets it (dropping every visual token after layer 0 removes "
+                  f"{red:.4f} of the prefill); returning that recipe with feasible=False", stacklevel=3)
+    recipe = Recipe(everything, method="fitprune", family=family, checkpoint=stats.checkpoint, budget=budget,
+                    flops_convention=convention, metadata={"fit": "divergence-search", "feasible": False,
+                                                           "predicted_reduction": red})
+    return SearchResult(recipe=recipe, budget=budget, feasible=False, divergence=math.nan,
+                        divergence_search=math.nan, measured_reduction=red, origin="infeasible", evaluations=0,
+                        seconds=0.0, best_seed={}, candidates=())
