@@ -44,7 +44,7 @@ from .fit import fit
 from .flops import ModelDims
 from .recipe import Recipe
 
-__all__ = ["SCORINGS", "Candidate", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
+__all__ = ["SCORINGS", "Candidate", "RecipeSearch", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
 
 SCORINGS = ("fitprune", "fastv")
 
@@ -284,15 +284,15 @@ class _Evaluator:
         self.cache: dict[tuple, Divergence] = {}
         self.passes = 0
 
-    def key(self, c: Candidate) -> tuple:
-        return (c.scoring, tuple(Recipe(tuple(c.fractions)).drop_counts(self.n_ref)))
-
-    def __call__(self, c: Candidate, split: str) -> Divergence:
-        k = (split,) + self.key(c)
-        if k not in self.cache:
-            self.cache[k] = divergence(self.model, self.batches[split], c.recipe(), self.refs[split])
+    def __call__(self, c: Candidate, split: str, recipe: Recipe | None = None) -> Divergence:
+        """Measure ``c`` on ``split`` (``recipe``: the exact recipe to run, e.g. a random one with its seed)."""
+        recipe = recipe if recipe is not None else c.recipe()
+        key = (split, recipe.scoring, recipe.seed if recipe.scoring == "random" else None,
+               tuple(recipe.drop_counts(self.n_ref)))
+        if key not in self.cache:
+            self.cache[key] = divergence(self.model, self.batches[split], recipe, self.refs[split])
             self.passes += 1
-        d = self.cache[k]
+        d = self.cache[key]
         setattr(c, split, d)
         return d
 
@@ -302,100 +302,141 @@ def _rank(c: Candidate, split: str) -> float:
     return d.kl if d is not None and d.finite else math.inf
 
 
-def search(
-    model: nn.Module,
-    batches: Sequence,
-    stats: CalibrationStats,
-    budgets: Sequence[float],
-    dims: ModelDims,
-    *,
-    config: SearchConfig | None = None,
-    convention: str = "full",
-    family: str | None = None,
-    seeds: Mapping[float, Sequence[Recipe]] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> list[SearchResult]:
-    """The least divergent recipe per budget (module docstring); results in the order of ``budgets``.
+class RecipeSearch:
+    """One calibration set, split and referenced once: fit budgets, and measure any recipe on it.
 
     ``batches``: the calibration batches ``stats`` was collected from, in the same order (the
-    unpruned statistics seed the α-walks). ``seeds``: extra recipes per budget (e.g. a user's own),
-    projected onto the budget like the built-in seeds. A budget no candidate meets gives a result
-    with ``feasible=False`` (the candidate that prunes most, undecided by divergence) and a warning.
+    unpruned statistics seed the α-walks). Building it splits the batches (:func:`split_batches`)
+    and computes the unpruned reference of each split (two passes). Divergences are cached per
+    distinct recipe, so measuring a baseline that was also a seed costs nothing.
     """
-    config = config or SearchConfig()
-    say = log or (lambda msg: None)
-    batches = list(batches)
-    n_batch = [int(b["input_ids"].shape[0]) for b in batches]
-    if sum(n_batch) != stats.num_samples:
-        raise ValueError(f"the batches hold {sum(n_batch)} samples but the statistics {stats.num_samples}: pass the "
-                         "calibration batches the statistics were collected from, in the same order")
-    if convention != "full":
-        raise ValueError(f"the search measures FLOPs from executed token counts ('full' convention), not {convention!r}")
-    budgets = [float(b) for b in budgets]
-    bad = [b for b in budgets if not 0.0 < b < 1.0]
-    if bad:
-        raise ValueError(f"budgets must lie in (0, 1) (fractions of prefill FLOPs to remove); got {bad}")
-    search_idx, held_idx = split_batches(batches, config.heldout)
-    offsets = np.concatenate([[0], np.cumsum(n_batch)])
-    rows = {name: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])
-            for name, idx in (("search", search_idx), ("heldout", held_idx))}
-    split_stats = {name: stats.subset(r) for name, r in rows.items()}
-    parts = {"search": [batches[i] for i in search_idx], "heldout": [batches[i] for i in held_idx]}
-    say(f"search: {len(rows['search'])} samples to search, {len(rows['heldout'])} held out to decide")
-    refs = {name: reference(model, parts[name], tokens=config.tokens) for name in parts}
-    counts = TokenCounts(stats, dims, convention)
-    n_ref = int(stats.n_visual.max())
-    L = dims.num_layers
-    family = family if family is not None else stats.family
-    evaluate = _Evaluator(model, parts, refs, n_ref, say)
-    walk_seeds = _walk_seeds(model, parts["search"], split_stats["search"], budgets, dims, config, family)
-    results = []
-    for b in budgets:
+
+    def __init__(self, model: nn.Module, batches: Sequence, stats: CalibrationStats, dims: ModelDims, *,
+                 config: SearchConfig | None = None, convention: str = "full", family: str | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.config = config or SearchConfig()
+        self.say = log or (lambda msg: None)
+        batches = list(batches)
+        n_batch = [int(b["input_ids"].shape[0]) for b in batches]
+        if sum(n_batch) != stats.num_samples:
+            raise ValueError(f"the batches hold {sum(n_batch)} samples but the statistics {stats.num_samples}: pass "
+                             "the calibration batches the statistics were collected from, in the same order")
+        if convention != "full":
+            raise ValueError(f"the search measures FLOPs from executed token counts ('full' convention), not "
+                             f"{convention!r}")
+        search_idx, held_idx = split_batches(batches, self.config.heldout)
+        offsets = np.concatenate([[0], np.cumsum(n_batch)])
+        self.rows = {name: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx])
+                     for name, idx in (("search", search_idx), ("heldout", held_idx))}
+        self.parts = {"search": [batches[i] for i in search_idx], "heldout": [batches[i] for i in held_idx]}
+        self.say(f"search: {len(self.rows['search'])} samples to search, {len(self.rows['heldout'])} held out to decide")
+        self.model, self.stats, self.dims, self.convention = model, stats, dims, convention
+        self.family = family if family is not None else stats.family
+        refs = {name: reference(model, part, tokens=self.config.tokens) for name, part in self.parts.items()}
+        self.counts = TokenCounts(stats, dims, convention)
+        self.n_ref = int(stats.n_visual.max())
+        self.evaluate = _Evaluator(model, self.parts, refs, self.n_ref, self.say)
+        self._walks: dict[float, list] = {}
+
+    @property
+    def calibration(self) -> dict:
+        """Which samples the divergences are measured on (stored with every recipe)."""
+        return {"calib_id": self.stats.calib_id, "n_search": int(len(self.rows["search"])),
+                "n_heldout": int(len(self.rows["heldout"])), "heldout": self.config.heldout,
+                "tokens": self.config.tokens}
+
+    def baseline(self, name: str, budget: float) -> Recipe:
+        """``"fastv"`` (K = 2, its own scoring) or ``"pyramid"`` (PDrop's stages, FastV scoring), matched to
+        ``budget`` on the calibration token counts exactly as the search's seeds are."""
+        L = self.dims.num_layers
+        shapes = {"fastv": (_one_hot(L, {1: 1.0}), "fastv", {"K": 2}),
+                  "pyramid": (pyramid(L, keep=0.5).drop_fractions, "fastv", {"stages": pyramid(L).metadata["stages"]})}
+        if name not in shapes:
+            raise ValueError(f"unknown baseline {name!r}; known: {', '.join(shapes)}")
+        shape, scoring, meta = shapes[name]
+        p = project(shape, self.counts, budget)
+        if p is None:
+            raise ValueError(f"budget {budget:g} is out of reach for {name}: even dropping every visual token at its "
+                             "first pruning layer falls short; lower the budget")
+        return Recipe(p[0], scoring=scoring, method=name, family=self.family, checkpoint=self.stats.checkpoint,
+                      budget=budget, flops_convention=self.convention,
+                      metadata={**meta, "predicted_reduction": p[1], "matched_on": self.stats.calib_id})
+
+    def measure(self, recipe: Recipe) -> dict:
+        """The recipe's divergence on both splits and its FLOPs reduction measured on all calibration samples."""
+        c = Candidate(tuple(recipe.drop_fractions), recipe.scoring, recipe.method or "recipe", seed=False)
+        self.evaluate(c, "search", recipe)
+        self.evaluate(c, "heldout", recipe)
+        return {"divergence": c.heldout.kl, "divergence_search": c.search.kl, "measured_reduction": _combined_reduction(c),
+                "divergence_finite": bool(c.heldout.finite and c.search.finite), **self.calibration}
+
+    def fit(self, budgets: Sequence[float], seeds: Mapping[float, Sequence[Recipe]] | None = None) -> list[SearchResult]:
+        """The least divergent recipe per budget (module docstring); results in the order of ``budgets``.
+
+        ``seeds``: extra recipes per budget (e.g. a user's own), projected onto the budget like the
+        built-in seeds. A budget no candidate meets gives a result with ``feasible=False`` (the recipe
+        that drops every visual token after layer 0) and a warning.
+        """
+        budgets = [float(b) for b in budgets]
+        bad = [b for b in budgets if isinstance(b, bool) or not 0.0 < b < 1.0]
+        if bad:
+            raise ValueError(f"budgets must lie in (0, 1) (fractions of prefill FLOPs to remove); got {bad}")
+        missing = [b for b in budgets if b not in self._walks]
+        if missing:
+            self._walks.update(_walk_seeds(self.model, self.parts["search"], self.stats.subset(self.rows["search"]),
+                                           missing, self.dims, self.config, self.family))
+        return [self._fit_one(b, list((seeds or {}).get(b, []))) for b in budgets]
+
+    def _fit_one(self, b: float, extra: list[Recipe]) -> SearchResult:
+        config, evaluate, L = self.config, self.evaluate, self.dims.num_layers
         t0, passes0 = time.perf_counter(), evaluate.passes
-        pool = _seeds(b, L, config, counts, walk_seeds.get(b, []), list((seeds or {}).get(b, [])), n_ref)
+        pool = _seeds(b, L, config, self.counts, self._walks.get(b, []), extra, self.n_ref)
         if not pool:
-            results.append(_infeasible(b, L, counts, family, stats, convention))
-            continue
+            return _infeasible(b, L, self.counts, self.family, self.stats, self.convention)
         for c in pool:
             evaluate(c, "search")
             evaluate(c, "heldout")
-        finite = [c for c in pool if math.isfinite(_rank(c, "search"))]
+        finite = sorted((c for c in pool if math.isfinite(_rank(c, "search"))), key=lambda c: _rank(c, "search"))
         if not finite:
             raise NonFiniteDivergence(f"budget {b:g}: every candidate's divergence is NaN or infinite on the search "
                                       "split; the pruned model's logits are not finite (check the dtype)")
-        say(f"budget {b:g}: {len(pool)} seeds, best on search "
-            f"{min(finite, key=lambda c: _rank(c, 'search')).origin} ({min(_rank(c, 'search') for c in finite):.4f})")
-        ends = _local_search(sorted(finite, key=lambda c: _rank(c, "search"))[:config.finalists], b, counts, config,
-                             evaluate, passes0)
+        self.say(f"budget {b:g}: {len(pool)} seeds, best on the search split {finite[0].origin} "
+                 f"(KL {_rank(finite[0], 'search'):.4f})")
+        ends = _local_search(finite[:config.finalists], b, self.counts, config, evaluate, passes0)
         for c in ends:
             evaluate(c, "heldout")
         decided = _decide(pool + ends, b, config.tolerance)
         if decided is None:
-            results.append(_infeasible(b, L, counts, family, stats, convention))
-            continue
+            return _infeasible(b, L, self.counts, self.family, self.stats, self.convention)
         best_seed = min(pool, key=lambda c: _rank(c, "heldout"))
-        n_all = len(rows["search"]) + len(rows["heldout"])
         measured = _combined_reduction(decided)
         seconds = time.perf_counter() - t0
-        meta = {"fit": "divergence-search", "origin": decided.origin, "calibration": stats.calib_id,
-                "n_samples": n_all, "n_search": len(rows["search"]), "n_heldout": len(rows["heldout"]),
-                "divergence": decided.heldout.kl, "divergence_search": decided.search.kl,
-                "measured_reduction": measured, "predicted_reduction": decided.predicted,
+        meta = {"fit": "divergence-search", "origin": decided.origin, "calibration": self.stats.calib_id,
+                "n_samples": int(self.stats.num_samples), "divergence": decided.heldout.kl,
+                "divergence_search": decided.search.kl, "measured_reduction": measured,
+                "predicted_reduction": decided.predicted,
                 "best_seed": {"origin": best_seed.origin, "divergence": best_seed.heldout.kl,
                               "divergence_search": best_seed.search.kl},
-                "evaluations": evaluate.passes - passes0, "seconds": seconds, "tokens": config.tokens,
-                "n_visual_ref": n_ref}
-        recipe = decided.recipe(method="fitprune", family=family, checkpoint=stats.checkpoint, budget=b,
-                                flops_convention=convention, metadata=meta)
-        say(f"budget {b:g}: decided {decided.origin} ({decided.scoring}), KL held-out {decided.heldout.kl:.4f} "
-            f"(search {decided.search.kl:.4f}; best seed {best_seed.origin} {best_seed.heldout.kl:.4f}), measured "
-            f"−{measured:.4f}, {meta['evaluations']} passes, {seconds:.1f}s")
-        results.append(SearchResult(recipe=recipe, budget=b, feasible=True, divergence=decided.heldout.kl,
-                                    divergence_search=decided.search.kl, measured_reduction=measured,
-                                    origin=decided.origin, evaluations=meta["evaluations"], seconds=seconds,
-                                    best_seed=meta["best_seed"],
-                                    candidates=tuple(c.row(n_ref) for c in pool + ends)))
-    return results
+                "evaluations": evaluate.passes - passes0, "seconds": seconds, "n_visual_ref": self.n_ref,
+                **{k: v for k, v in self.calibration.items() if k != "calib_id"}}
+        recipe = decided.recipe(method="fitprune", family=self.family, checkpoint=self.stats.checkpoint, budget=b,
+                                flops_convention=self.convention, metadata=meta)
+        self.say(f"budget {b:g}: decided {decided.origin}, KL held-out {decided.heldout.kl:.4f} (search "
+                 f"{decided.search.kl:.4f}; best seed {best_seed.origin} {best_seed.heldout.kl:.4f}), measured "
+                 f"−{measured:.4f}, {meta['evaluations']} passes, {seconds:.1f}s")
+        return SearchResult(recipe=recipe, budget=b, feasible=True, divergence=decided.heldout.kl,
+                            divergence_search=decided.search.kl, measured_reduction=measured, origin=decided.origin,
+                            evaluations=meta["evaluations"], seconds=seconds, best_seed=meta["best_seed"],
+                            candidates=tuple(c.row(self.n_ref) for c in pool + ends))
+
+
+def search(model: nn.Module, batches: Sequence, stats: CalibrationStats, budgets: Sequence[float], dims: ModelDims, *,
+           config: SearchConfig | None = None, convention: str = "full", family: str | None = None,
+           seeds: Mapping[float, Sequence[Recipe]] | None = None,
+           log: Callable[[str], None] | None = None) -> list[SearchResult]:
+    """:meth:`RecipeSearch.fit` in one call: the least divergent recipe per budget."""
+    return RecipeSearch(model, batches, stats, dims, config=config, convention=convention, family=family,
+                        log=log).fit(budgets, seeds)
 
 
 def _combined_reduction(c: Candidate) -> float:
@@ -448,12 +489,17 @@ def _seeds(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]:
             shapes.append((shape, scoring, name))
     shapes.append((_one_hot(L, {1: 1.0}), "fastv", "FastV K=2"))  # the baselines, with their own scoring
     shapes.append((pyramid(L, keep=0.5).drop_fractions, "fastv", "PDrop pyramid"))
+    given = len(shapes)
     for r in extra:
         shapes.append((r.drop_fractions, r.scoring if r.scoring in SCORINGS else "fitprune",
                        f"given {r.method or 'recipe'}"))
     pool, seen = [], set()
-    for shape, scoring, name in shapes:
-        p = project(shape, counts, budget)
+    for i, (shape, scoring, name) in enumerate(shapes):
+        as_is = counts.reduction(shape) if i >= given else math.nan  # a given recipe that meets the budget stays
+        if budget <= as_is <= budget + config.tolerance:
+            p = (tuple(shape), as_is)
+        else:
+            p = project(shape, counts, budget)
         if p is None:
             continue
         fractions, predicted = p

@@ -1,6 +1,6 @@
 """The ``fitprune`` command line. Library errors become messages and exit codes here, nowhere else.
 
-    fitprune [--data-root DIR] sweep [--budgets 0.5,0.7] [--methods fitprune,fastv,random] [--device cuda] ...
+    fitprune [--data-root DIR] sweep [--budgets 0.5,0.7] [--methods fitprune,fitprune-paper,fastv,random] [--device cuda] ...
     fitprune pareto [--checkpoint FP] [--benchmark NAME]
     fitprune sql "SELECT ..."
     fitprune presets
@@ -35,7 +35,7 @@ def _sweep_config(args):
     given = {"budgets": args.budgets, "methods": args.methods, "n_calib": args.calib_samples,
              "n_eval": args.eval_samples, "batch_size": args.batch_size, "seed": args.seed,
              "shard_size": args.shard_size, "source": args.source, "benchmarks": args.benchmarks,
-             "max_new_tokens": args.max_new_tokens}
+             "max_new_tokens": args.max_new_tokens, "search": args.search}
     if args.device.startswith("cuda"):
         given = {**_CUDA_SCALE, **{k: v for k, v in given.items() if v is not None}}
     return SweepConfig(root=args.data_root, **{k: v for k, v in given.items() if v is not None})
@@ -133,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
     sweep.add_argument("--budgets", type=_floats, default=None, help="FLOPs fractions to remove (default 0.5,0.7)")
-    sweep.add_argument("--methods", type=_names, default=None, help="default fitprune,fastv,random")
+    sweep.add_argument("--methods", type=_names, default=None,
+                       help="of fitprune,fitprune-paper,fastv,pyramid,random; default fitprune,fitprune-paper,fastv,random")
+    sweep.add_argument("--search", choices=("auto", "small", "full"), default=None,
+                       help="width of fitprune's divergence search (default auto: small on a CPU, full on a GPU)")
     sweep.add_argument("--calib-samples", type=int, default=None, help="default 16 (64 with --device cuda)")
     sweep.add_argument("--eval-samples", type=int, default=None,
                        help="per benchmark; default 40 (500 with --device cuda)")

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.sweep import METHODS
+from flows.sweep import DEFAULT_METHODS
 from flows.sweep_flow import sweep
 
 
@@ -61,7 +61,7 @@ def recalibrate(
     calib_samples: int = 16,
     eval_samples: int = 40,
     budgets: list[float] = [0.5, 0.7],  # noqa: B006
-    methods: list[str] = list(METHODS),  # noqa: B006
+    methods: list[str] = list(DEFAULT_METHODS),  # noqa: B006
     batch_size: int = 8,
     device: str = "cpu",
     data_root: str | None = None,

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 from tasks import steps as plain_steps
 from tasks.steps import (  # noqa: F401  (re-exported: the sweep's building blocks)
+    DEFAULT_METHODS,
     METHODS,
+    SEARCH_SIZES,
     calibration_stats,
     evaluate,
     method_recipes,
@@ -32,10 +34,12 @@ DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
 class SweepConfig:
     """What a sweep runs. ``source``: calibration samples; ``benchmarks``: evaluation sources (default:
     easy-VQA test + synthetic test for question sources, the calibration source's own "eval" split for
-    input sources); ``n_eval`` samples each. Sources: ``tasks.sources``."""
+    input sources); ``n_eval`` samples each. Sources: ``tasks.sources``. ``search``: how wide the
+    ``fitprune`` method's divergence search is (``small``, ``full``; ``auto``: small on a CPU, full on
+    a GPU; ``tasks.steps.search_config``)."""
 
     budgets: tuple[float, ...] = (0.5, 0.7)
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     n_calib: int = 16
     n_eval: int = 40
     batch_size: int = 8
@@ -46,6 +50,7 @@ class SweepConfig:
     benchmarks: tuple[str, ...] | None = None
     convention: str = "full"
     max_new_tokens: int = 6
+    search: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,10 +74,15 @@ class SweepConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        if self.search not in SEARCH_SIZES:
+            raise ValueError(f"search = {self.search!r}; known: {', '.join(SEARCH_SIZES)}")
         for name in ("n_calib", "n_eval", "batch_size", "shard_size", "max_new_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_calib < 4 and ({"fitprune", "random"} & set(self.methods)):
+            raise ValueError(f"n_calib = {self.n_calib}: the fitprune method holds part of the calibration set out "
+                             "to decide between recipes and needs at least 4 samples (2 to search, 2 to decide)")
 
 
 def _log(msg: str) -> None:
@@ -171,7 +181,8 @@ def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool =
     if reused:
         _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
     stats_ref = {"checkpoint": checkpoint, "calib_id": calib["id"], "n": calib["n"], "reused": reused}
-    grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root)
+    grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root,
+                             spec=spec, calib=calib, batch_size=config.batch_size, search=config.search)
 
     jobs = [("none", None)] + [(m, rj) for m in config.methods for rj in grid[m]]
     calls, keys = [], []
@@ -228,5 +239,5 @@ def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, progr
     return result
 
 
-__all__ = ["DEFAULT_BENCHMARKS", "METHODS", "SweepConfig", "calibration_stats", "compose", "default_spec", "evaluate",
+__all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "SweepConfig", "calibration_stats", "compose", "default_spec", "evaluate",
            "method_recipes", "recipe_id", "run_sweep"]

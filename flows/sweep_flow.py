@@ -12,17 +12,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.sweep import METHODS, SweepConfig, compose
+from flows.sweep import DEFAULT_METHODS, SweepConfig, compose
 from tasks import steps
 from tasks import sweep as sweep_tasks
 
 
 def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device, data_root, seed,
-             convention="full", shard_size=64, source="easy-vqa:train", benchmarks=None) -> tuple[SweepConfig, dict]:
+             convention="full", shard_size=64, source="easy-vqa:train", benchmarks=None,
+             search="auto") -> tuple[SweepConfig, dict]:
     """(config, model spec) from the flow's parameters; ValueError saying what is wrong otherwise."""
     config = SweepConfig(budgets=tuple(budgets), methods=tuple(methods), n_calib=calib_samples, n_eval=eval_samples,
                          batch_size=batch_size, seed=seed, root=data_root, convention=convention, shard_size=shard_size,
-                         source=source, benchmarks=None if benchmarks is None else tuple(benchmarks))
+                         source=source, benchmarks=None if benchmarks is None else tuple(benchmarks), search=search)
     spec = dict(checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if isinstance(spec, dict) and device and "device" not in spec:
         spec["device"] = device
@@ -37,7 +38,7 @@ def sweep(
     calib_samples: int = 16,
     eval_samples: int = 40,
     budgets: list[float] = [0.5, 0.7],  # noqa: B006
-    methods: list[str] = list(METHODS),  # noqa: B006
+    methods: list[str] = list(DEFAULT_METHODS),  # noqa: B006
     batch_size: int = 8,
     device: str = "cpu",
     data_root: str | None = None,
@@ -45,6 +46,7 @@ def sweep(
     shard_size: int = 64,
     source: str = "easy-vqa:train",
     benchmarks: list[str] | None = None,
+    search: str = "auto",
 ) -> dict:
     """Calibrate → fit a budget grid per method → evaluate each recipe → Pareto front → artifacts.
 
@@ -58,7 +60,8 @@ def sweep(
     from storage.root import data_root as resolve_root
 
     config, spec = validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_size, device,
-                            data_root, seed, shard_size=shard_size, source=source, benchmarks=benchmarks)
+                            data_root, seed, shard_size=shard_size, source=source, benchmarks=benchmarks,
+                            search=search)
     config.root = str(resolve_root(config.root))  # resolved once, here, so every task writes the same place
     logger = get_run_logger()
     logger.info(f"model {spec}; data root {config.root}")

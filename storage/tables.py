@@ -163,6 +163,15 @@ TABLES: dict[str, Table] = {
                 Column("recipe_json", _S, "The full recipe as JSON.", json=True),
                 Column("run_id", _S, "Run that produced the recipe (see runs)."),
                 _created_at(),
+                Column("divergence", _F64, "KL(unpruned ‖ pruned) of the next-token distribution at the last prompt "
+                       "position, mean over the held-out part of the calibration set (nats); NULL when not "
+                       "measured or not finite.", nullable=True),
+                Column("divergence_search", _F64, "The same KL on the search part of the calibration set.",
+                       nullable=True),
+                Column("divergence_calib_id", _S, "Calibration set the divergences were measured on.", nullable=True),
+                Column("divergence_samples", _I32, "Held-out samples behind divergence.", nullable=True),
+                Column("measured_reduction", _F64, "FLOPs reduction measured from executed token counts on the "
+                       "calibration set.", nullable=True),
             ),
         ),
         Table(

@@ -26,7 +26,7 @@ import torch
 
 import fitprune
 from fitprune import Recipe
-from fitprune.baselines import fastv, for_budget, random_recipe
+from fitprune.baselines import random_recipe
 from fitprune.calibration import CalibrationStats
 from fitprune.fit import fit
 from fitprune.flops import ModelDims, prefill_flops
@@ -38,7 +38,7 @@ from .models import LOCK as _LOCK
 from .models import MODEL_KINDS, describe_model, encoder_for, load_model, model_info, normalize_spec
 
 __all__ = [
-    "METHODS", "MODEL_KINDS", "SOURCES", "normalize_spec", "describe_model", "encoder_for", "load_model", "model_info",
+    "METHODS", "DEFAULT_METHODS", "SEARCH_SIZES", "search_config", "MODEL_KINDS", "SOURCES", "normalize_spec", "describe_model", "encoder_for", "load_model", "model_info",
     "calibration_set",
     "load_samples", "shard_ranges", "content_hash", "record_calibration_set", "calibration_stats",
     "collect_stats_shard", "collect_statistics", "evaluate_shard", "combine_shards", "fit_budgets", "method_recipes",
@@ -46,7 +46,8 @@ __all__ = [
     "write_results", "pareto_rows", "versions",
 ]
 
-METHODS = ("fitprune", "fastv", "random")
+METHODS = ("fitprune", "fitprune-paper", "fastv", "pyramid", "random")
+DEFAULT_METHODS = ("fitprune", "fitprune-paper", "fastv", "random")
 SOURCES = sources.HELP
 
 _REFERENCE: dict[str, list[torch.Tensor]] = {}
@@ -332,39 +333,86 @@ def _read_stats(checkpoint: str, calib_id: str, root, n: int | None = None) -> C
 # --- recipes ---------------------------------------------------------------------------------
 
 
-def _fit(stats: CalibrationStats, budgets, dims, family, convention) -> dict:
-    t0 = time.perf_counter()
-    fitted = {r.recipe.budget: r for r in fit(stats, list(budgets), dims, convention=convention, family=family)}
-    _log(f"fit: {len(fitted)} budgets in {time.perf_counter() - t0:.2f}s")
-    return {b: fitted[b] for b in budgets}
+SEARCH_SIZES = ("auto", "small", "full")
 
 
-def method_recipes(method: str, stats: CalibrationStats, budgets, dims, family, checkpoint, convention, fitted):
-    """One recipe per budget for ``method``; FastV and random are matched to the same FLOPs."""
-    n_visual = int(round(float(np.mean(stats.n_visual))))
-    n_other = int(round(float(np.mean(stats.n_system + stats.n_text))))
+def search_config(size: str, device: str):
+    """The divergence search of the ``fitprune`` method: ``small`` on a CPU, ``full`` on a GPU (``auto``)."""
+    from fitprune.search import SearchConfig
+
+    if size not in SEARCH_SIZES:
+        raise ValueError(f"search size {size!r}; known: {', '.join(SEARCH_SIZES)}")
+    if size == "auto":
+        size = "small" if str(device).startswith("cpu") else "full"
+    return SearchConfig.small() if size == "small" else SearchConfig.full()
+
+
+def method_recipes(method: str, budgets, fitted: dict, searcher) -> list[Recipe]:
+    """One recipe per budget for ``method``, every baseline matched to the budget on the calibration counts.
+
+    ``fitted[b]``: the divergence search's result (``fitprune``); ``fitted[("paper", b)]``: the
+    authors' statistical α-walk (``fitprune-paper``). ``random`` prunes ``fitprune``'s schedule at random.
+    """
     recipes = []
     for budget in budgets:
         if method == "fitprune":
             recipe = fitted[budget].recipe
-        elif method == "fastv":
-            recipe = for_budget(lambda r: fastv(dims.num_layers, layer=2, ratio=r, family=family), dims, budget,
-                                n_visual, n_other, convention=convention)
-        else:
+        elif method == "fitprune-paper":
+            recipe = fitted[("paper", budget)].recipe.with_updates(method="fitprune-paper")
+        elif method in ("fastv", "pyramid"):
+            recipe = searcher.baseline(method, budget)
+        elif method == "random":
             recipe = random_recipe(fitted[budget].recipe, seed=0)
-        recipes.append(recipe.with_updates(checkpoint=checkpoint, budget=budget, flops_convention=convention))
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        recipes.append(recipe)
     return recipes
 
 
-def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, root) -> dict:
-    """The budget grid per method from stored statistics: ``{method: [recipe JSON, ...]}`` (budget order)."""
+def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, root, spec=None, calib=None,
+                batch_size: int = 8, search: str = "auto") -> dict:
+    """The budget grid per method: ``{method: [recipe JSON, ...]}`` (budget order).
+
+    ``fitprune`` is the divergence search (:mod:`fitprune.search`) on the calibration set ``calib``
+    (batches of the ``spec`` model; a held-out part decides), ``fitprune-paper`` the authors'
+    statistical α-walk on the stored statistics, the baselines are matched to each budget on the
+    calibration token counts. Every recipe carries, in its metadata, its divergence on the
+    calibration set (held-out and search parts) and its measured FLOPs reduction there.
+    """
+    from fitprune.search import RecipeSearch
+
+    if spec is None or calib is None:
+        raise ValueError("fit_budgets needs the model spec and the calibration set: the fitprune method searches "
+                         "recipes by their output divergence on the calibration samples")
+    if convention != "full":
+        raise ValueError(f"the sweep measures FLOPs from executed token counts ('full' convention), not {convention!r}")
     stats = _read_stats(stats_ref["checkpoint"], stats_ref["calib_id"], root, stats_ref.get("n"))
     dims = _dims(info)
     budgets = list(budgets)
-    fitted = _fit(stats, budgets, dims, info["family"], convention)
-    return {m: [r.to_json() for r in method_recipes(m, stats, budgets, dims, info["family"], info["checkpoint"],
-                                                    convention, fitted)]
-            for m in methods}
+    spec = normalize_spec(spec)
+    model = load_model(spec)
+    # at least four batches, so the search has two to search on and two to decide on
+    per = max(1, min(batch_size, calib["n"] // 4))
+    batches = load_samples(calib, per, spec["device"], spec=spec)
+    t0 = time.perf_counter()
+    with _LOCK:
+        searcher = RecipeSearch(model, batches, stats, dims, config=search_config(search, spec["device"]),
+                                convention=convention, family=info["family"], log=_log)
+        # the authors' α-walk on the whole calibration set; also a seed of the search, so it cannot win there
+        paper = fit(stats, budgets, dims, convention=convention, family=info["family"])
+        fitted: dict = {("paper", b): r for b, r in zip(budgets, paper)}
+        if {"fitprune", "random"} & set(methods):
+            seeds = {b: [r.recipe.with_updates(method="fitprune-paper")] for b, r in zip(budgets, paper) if r.feasible}
+            fitted.update({r.budget: r for r in searcher.fit(budgets, seeds=seeds)})
+        _log(f"fit: {len(budgets)} budgets in {time.perf_counter() - t0:.1f}s")
+        out = {}
+        for m in methods:
+            recipes = []
+            for r in method_recipes(m, budgets, fitted, searcher):
+                r = r.with_updates(checkpoint=info["checkpoint"], flops_convention=convention)
+                recipes.append(r.with_updates(metadata={**r.metadata, "calibration_divergence": searcher.measure(r)}))
+            out[m] = [r.to_json() for r in recipes]
+    return out
 
 
 def method_recipe_jsons(method: str, fitted_grid: dict) -> list[str]:
@@ -519,13 +567,21 @@ def combine_shards(rows: list[dict]) -> dict:
 
 
 def recipe_row(recipe: Recipe, method: str, family: str, run_id: str, convention: str) -> dict:
+    div = recipe.metadata.get("calibration_divergence") or {}
     return dict(
         recipe_id=recipe_id(recipe), checkpoint=recipe.checkpoint, family=family, method=method,
         scoring=recipe.scoring, budget=recipe.budget, flops_convention=convention,
         alpha=recipe.metadata.get("alpha"),
         predicted_reduction=float(recipe.metadata.get("predicted_reduction", recipe.budget)),
         drop_fractions=list(recipe.drop_fractions), recipe_json=recipe.to_json(), run_id=run_id,
+        divergence=_finite_or_none(div.get("divergence")), divergence_search=_finite_or_none(div.get("divergence_search")),
+        divergence_calib_id=div.get("calib_id"), divergence_samples=div.get("n_heldout"),
+        measured_reduction=div.get("measured_reduction"),
     )
+
+
+def _finite_or_none(x):
+    return None if x is None or not np.isfinite(x) else float(x)
 
 
 def eval_row(result: dict, run_id: str, rid: str, checkpoint: str, method: str, benchmark: str, vers: dict) -> dict:

@@ -19,7 +19,15 @@ def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
     assert "Pareto front" in out and "none" in out
     assert "model: toy" in err and "8 samples each of toy" in err  # says what it ran
     evals = store.read_table("evaluations", tmp_path)
-    assert sorted(set(evals.column("method").to_pylist())) == ["fastv", "fitprune", "none", "random"]
+    assert sorted(set(evals.column("method").to_pylist())) == ["fastv", "fitprune", "fitprune-paper", "none", "random"]
+    recipes = store.read_table("recipes", tmp_path).to_pylist()
+    calib_ids = set(store.read_table("calibration_sets", tmp_path).column("calib_id").to_pylist())
+    for r in recipes:  # every recipe carries its divergence on the calibration set it was measured on
+        assert r["divergence"] is not None and r["divergence"] >= 0 and r["divergence_calib_id"] in calib_ids
+        assert r["budget"] - 1e-9 <= r["measured_reduction"] <= r["budget"] + 0.01
+    for budget in (0.4, 0.7):  # the search's seeds include FastV and the authors' fit: it is never worse on them
+        kl = {r["method"]: r["divergence"] for r in recipes if r["budget"] == budget}
+        assert kl["fitprune"] <= min(kl["fastv"], kl["fitprune-paper"])
     for row in evals.to_pylist():
         if row["method"] != "none":  # measured FLOPs land within a point of the budget (feasible side)
             recipe = [r for r in store.read_table("recipes", tmp_path).to_pylist() if r["recipe_id"] == row["recipe_id"]][0]

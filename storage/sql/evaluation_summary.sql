@@ -3,7 +3,9 @@
 --   metric           sample-weighted mean over shards (plain mean if no shard counted samples);
 --   flops_reduction  mean over shards; prefill_flops likewise;
 --   n_samples        samples evaluated over all shards and runs (repeats count again);
---   budget, alpha    from the recipe (NULL for the unpruned baseline, recipe_id 'none').
+--   budget, alpha    from the recipe (NULL for the unpruned baseline, recipe_id 'none');
+--   divergence       the recipe's KL against the unpruned model on its calibration set's held-out
+--                    part (divergence_calib_id; NULL when not measured, 0 for the unpruned model).
 -- A shard written twice by one run (a retry under a new write id) counts once: the latest row.
 WITH shard_rows AS (
     SELECT *
@@ -15,7 +17,7 @@ WITH shard_rows AS (
 ),
 
 recipe_facts AS (
-    SELECT recipe_id, scoring, budget, alpha, flops_convention
+    SELECT recipe_id, scoring, budget, alpha, flops_convention, divergence, divergence_calib_id
     FROM recipes
     QUALIFY row_number() OVER (PARTITION BY recipe_id ORDER BY created_at DESC) = 1
 ),
@@ -45,6 +47,8 @@ SELECT
     recipe_facts.scoring,
     recipe_facts.budget,
     recipe_facts.alpha,
-    recipe_facts.flops_convention
+    recipe_facts.flops_convention,
+    CASE WHEN combined.recipe_id = 'none' THEN 0.0 ELSE recipe_facts.divergence END AS divergence,
+    recipe_facts.divergence_calib_id
 FROM combined
 LEFT JOIN recipe_facts USING (recipe_id)
