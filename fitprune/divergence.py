@@ -136,12 +136,20 @@ def _answer_logits(model: nn.Module, inputs: dict, tokens: int, forced: torch.Te
     fed after them: greedy ones, or ``forced`` (teacher forcing). ``m < k`` when every sample ended."""
     with torch.no_grad():
         if tokens == 1:
-            logits = model(**inputs, use_cache=False).logits
-            last = _last_positions(inputs)
-            logits = logits[torch.arange(logits.shape[0], device=logits.device), last].float()[:, None]
+            mask = inputs.get("attention_mask")
+            if mask is None or bool(mask[:, -1].all()):  # left padding: every sample ends at the last position
+                logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1:].float()
+            else:
+                logits = model(**inputs, use_cache=False).logits
+                last = _last_positions(inputs)
+                logits = logits[torch.arange(logits.shape[0], device=logits.device), last].float()[:, None]
             return logits, logits.argmax(-1)
         from transformers import LogitsProcessorList
 
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise ValueError("divergence over tokens > 1 generates after the prompt and needs left-padded batches "
+                             "(every sample's last prompt token at the last position); pad on the left")
         steps = tokens if forced is None else forced.shape[1]
         eos = _eos_ids(model)
         pad = getattr(model.generation_config, "pad_token_id", None)
@@ -158,8 +166,8 @@ def reference(model: nn.Module, batches: Sequence, *, tokens: int = 1,
               progress: Callable[[int, int], None] | None = None) -> Reference:
     """The unpruned model's answer distributions on ``batches`` (computed once, compared with every recipe).
 
-    ``batches``: model-input dicts as a processor returns them (optional ``"sample_ids"``), left or
-    right padded. Raises :class:`NonFiniteDivergence` when the model's own log-probabilities are
+    ``batches``: model-input dicts as a processor returns them (optional ``"sample_ids"``), left
+    padded (right padding works for ``tokens = 1`` only). Raises :class:`NonFiniteDivergence` when the model's own log-probabilities are
     not finite (a broken checkpoint or dtype overflow: nothing can be compared with them).
     """
     batches, tokens = _check_batches(batches), _check_tokens(tokens)

@@ -152,7 +152,7 @@ def fit(
     check_inputs(stats, dims)
     if not isinstance(start, Integral) or isinstance(start, bool) or not 0 <= start < dims.num_layers:
         raise ValueError(f"start = {start!r}: the first layer allowed to prune, an integer in [0, {dims.num_layers})")
-    if cap is not None and not (isinstance(cap, Real) and 0.0 < float(cap) <= 1.0):
+    if cap is not None and (isinstance(cap, bool) or not (isinstance(cap, Real) and 0.0 < float(cap) <= 1.0)):
         raise ValueError(f"cap = {cap!r}: the most a layer may drop, a fraction of the visual tokens in (0, 1]")
     if walker is not None and (start or cap is not None):
         raise ValueError("start and cap constrain the statistical walk; a walker runs its own")
