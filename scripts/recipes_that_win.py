@@ -252,7 +252,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(a, b) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 3:
+    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
     ra, rb = _ranks(a), _ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -287,13 +287,27 @@ def tables(data: dict) -> str:
                              f" −{100 * e['flops_reduction']:.1f} %; KL {kl:.3f})" if kl is not None else
                              f"{x.mean():.3f} ({100 * d.mean():+.1f} ± {100 * se:.1f})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        cells = []  # the fitted recipe against the best baseline at each budget, paired on the same samples
+        for b in budgets:
+            have = [m for m in BASELINES if f"{m}@{b:g}" in evals]
+            if f"fitprune@{b:g}" not in evals or not have:
+                cells.append("—")
+                continue
+            best = max(have, key=lambda m: evals[f"{m}@{b:g}"]["accuracy"])
+            x = np.array([c == "1" for c in evals[f"fitprune@{b:g}"]["correct"]], float)
+            y = np.array([c == "1" for c in evals[f"{best}@{b:g}"]["correct"]], float)
+            d = x - y
+            cells.append(f"{100 * d.mean():+.1f} ± {100 * d.std(ddof=1) / np.sqrt(n):.1f} vs {best}")
+        lines.append("| fitprune − best baseline (pts, paired) | " + " | ".join(cells) + " |")
         # rank agreement between divergence and accuracy
         pts = [(div[k]["divergence"], evals[k]["accuracy"], k.split("@")[1]) for k in evals if k in div]
         if pts:
             kl, acc, bud = map(np.array, zip(*pts))
-            within = [spearman(kl[bud == b], -acc[bud == b]) for b in sorted(set(bud))]
-            lines.append(f"\nSpearman(KL, −accuracy) over all {len(pts)} recipes: {spearman(kl, -acc):.2f}; within each "
-                         "budget: " + ", ".join(f"{w:.2f}" for w in within))
+            within = [spearman(kl[bud == b], -acc[bud == b]) for b in sorted(set(bud), key=float)]
+            fmt = lambda v: "n/a" if not np.isfinite(v) else f"{v:.2f}"  # noqa: E731 (constant accuracy: no ranking)
+            lines.append(f"\nSpearman(KL, −accuracy) over all {len(pts)} recipes: {fmt(spearman(kl, -acc))}; within "
+                         "each budget (" + ", ".join(f"−{100 * float(b):.0f} %" for b in sorted(set(bud), key=float))
+                         + "): " + ", ".join(fmt(w) for w in within))
         # transfer: share of the in-task gain over the best baseline that the transferred fit keeps
         keep = []
         for b in budgets:
@@ -332,7 +346,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", default=None, help="a results file of an earlier, cut-off run")
-    p.add_argument("--parts", default="demo", help="demo, seven-b, or both (demo,seven-b)")
+    p.add_argument("--parts", default="demo",
+                   help="demo, seven-b, both (demo,seven-b), or none (only print the tables of --resume)")
     p.add_argument("--seven-b-batch", type=int, default=16)
     p.add_argument("--seven-b-budgets", default="0.5")
     p.add_argument("--seven-b-evals", type=int, default=300)
