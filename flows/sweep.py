@@ -80,9 +80,9 @@ class SweepConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_calib < 4 and ({"fitprune", "random"} & set(self.methods)):
-            raise ValueError(f"n_calib = {self.n_calib}: the fitprune method holds part of the calibration set out "
-                             "to decide between recipes and needs at least 4 samples (2 to search, 2 to decide)")
+        if self.n_calib < 4:
+            raise ValueError(f"n_calib = {self.n_calib}: every recipe's divergence is measured on a search and a "
+                             "held-out part of the calibration set, so it needs at least 4 samples (2 + 2)")
 
 
 def _log(msg: str) -> None:

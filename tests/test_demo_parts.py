@@ -179,7 +179,7 @@ def test_main_job_path_on_question_benchmarks(demo_spec, tmp_path):
     from flows.sweep import SweepConfig, compose
     from storage import store
 
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=2, n_eval=2, batch_size=2,
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=2, batch_size=2,
                          root=str(tmp_path / "data"))
     assert config.benchmarks == ("easy-vqa:test", "synthetic:test")
     result = compose(config, demo_spec)

@@ -409,3 +409,20 @@ def test_fit_start_and_cap_refuse_a_walker(setup):
     _, _, stats, dims = setup
     with pytest.raises(ValueError, match="walker"):
         fit(stats, [0.5], dims, start=1, walker=lambda a: np.zeros((stats.num_samples, L), dtype=np.int64))
+
+
+def test_local_moves_stay_on_budget_and_never_lose_to_a_seed(setup):
+    """With local moves on, the moved candidates are projected back onto the budget (equal FLOPs) and
+    the decision still never picks something more divergent on the held-out part than a seed."""
+    model, batches, stats, dims = setup
+    config = SearchConfig.small(rounds=2, max_evals=40, finalists=2, scorings=("fitprune", "fastv"))
+    counts = TokenCounts(stats, dims)
+    (r,) = search(model, batches, stats, [0.5], dims, config=config)
+    moved = [c for c in r.candidates if not c["seed"]]
+    assert moved, "local moves produced no candidate"
+    for c in moved:
+        fractions = [d / 144 for d in c["drops"]]
+        assert 0.5 - 1e-9 <= counts.reduction(fractions) <= 0.5 + config.tolerance
+    seeds = [c["kl_heldout"] for c in r.candidates if c["seed"]]
+    assert r.divergence <= min(seeds) + 1e-12
+    assert r.evaluations <= config.max_evals + 2 * len(seeds)  # seeds on both splits, moves within the bound

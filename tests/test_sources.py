@@ -40,7 +40,7 @@ def test_sweep_on_a_local_datasets_directory(tmp_path, capsys):
 def test_missing_columns_are_a_clear_error(tmp_path, capsys):
     datasets.Dataset.from_list([{"text": "hi"}]).save_to_disk(str(tmp_path / "bad"))
     args = ["--data-root", str(tmp_path / "root"), "sweep", "--model", "toy", "--source", f"hf:{tmp_path / 'bad'}",
-            "--calib-samples", "1", "--eval-samples", "1"]
+            "--calib-samples", "4", "--eval-samples", "1"]
     assert main(args) == 1
     assert "lacks column(s)" in capsys.readouterr().err
 

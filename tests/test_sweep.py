@@ -44,6 +44,8 @@ def test_bad_arguments_exit_nonzero(tmp_path, capsys):
     assert main(["--data-root", str(tmp_path), "sweep", "--budgets", "1.5"]) == 1
     assert "budgets must lie in (0, 1)" in capsys.readouterr().err
     assert main(["--data-root", str(tmp_path), "sweep", "--methods", "magic"]) == 1
+    assert main(["--data-root", str(tmp_path), "sweep", "--calib-samples", "3"]) == 1  # too few to hold any out
+    assert "at least 4 samples" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["sweep", "--budgets", "abc"])
     assert exc.value.code == 2
