@@ -34,6 +34,9 @@ code copied):
   89.68 %). Here feasibility is decided on the final floored recipe's predicted reduction and the
   **feasible** end of the bracket is returned.
 
+This is the sweep's ``fitprune-paper`` method, the faithful reproduction. The default ``fitprune``
+method is the divergence search (:mod:`fitprune.search`), which uses these walks as seeds.
+
 Beyond the authors: the feasible recipe is *trimmed* to the budget at token granularity, and a
 budget grid is made *monotone* (see :func:`fit`).
 
@@ -274,10 +277,12 @@ def fit(
             flops_convention=convention,
             metadata=metadata,
         )
+        predicted = reduction(recipe.drop_fractions, cost, stats.n_visual, n_other, L)
+        recipe = recipe.with_updates(metadata={**metadata, "predicted_reduction": predicted, "feasible": feasible})
         results[b] = FitResult(
             recipe=recipe,
             alpha=t.alpha,
-            predicted_reduction=reduction(recipe.drop_fractions, cost, stats.n_visual, n_other, L),
+            predicted_reduction=predicted,
             feasible=feasible,
             per_layer_mass_loss=tuple(float(x) for x in loss[0]),
             per_layer_self_mass_loss=tuple(float(x) for x in loss[1]),

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+import fitprune
+from fitprune.flops import prefill_flops
+
 
 class _Stop(Exception):
     pass
@@ -135,3 +138,20 @@ def sample_inputs(batch: dict, b: int) -> dict:
     mask = batch["attention_mask"][b].bool()
     out = {"input_ids": batch["input_ids"][b][mask][None], "attention_mask": torch.ones(1, int(mask.sum()), dtype=torch.long)}
     return out
+
+
+def _inputs(batch):
+    return {k: v for k, v in batch.items() if k != "sample_ids"}
+
+
+def measured_reduction(model, batches, recipe, dims) -> float:
+    """Measured independently of ``fitprune.divergence``: ``1 - Σ executed / Σ unpruned`` prefill FLOPs, from the pruner's report and the attention masks."""
+    pruned, full = 0.0, 0.0
+    with fitprune.apply(model, recipe):
+        for batch in batches:
+            with torch.no_grad():
+                model(**_inputs(batch))
+            report = fitprune.last_report(model)
+            pruned += float(report.flops(dims).sum())
+            full += sum(prefill_flops(dims, [int(n)] * dims.num_layers) for n in batch["attention_mask"].sum(1))
+    return 1.0 - pruned / full

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 import fitprune
 import fitprune.baselines
 from fitprune.divergence import Divergence, NonFiniteDivergence, Reference, divergence, reference
-from fitprune.flops import ModelDims, prefill_flops
+from fitprune.flops import ModelDims
 from flows.toy import toy_batches, toy_model
+from reference import measured_reduction
 from tiny_models import FACTORIES, IMAGES, PAD_ID
 
 L = 8
@@ -56,19 +57,6 @@ def ref3(toy):
 
 def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "sample_ids"}
-
-
-def measured_reduction(model, batches, recipe, dims) -> float:
-    """``1 - Σ executed / Σ unpruned`` prefill FLOPs, from the pruner's report and the attention masks."""
-    pruned, full = 0.0, 0.0
-    with fitprune.apply(model, recipe):
-        for batch in batches:
-            with torch.no_grad():
-                model(**_inputs(batch))
-            report = fitprune.last_report(model)
-            pruned += float(report.flops(dims).sum())
-            full += sum(prefill_flops(dims, [int(n)] * dims.num_layers) for n in batch["attention_mask"].sum(1))
-    return 1.0 - pruned / full
 
 
 def independent_kl(model, inputs, recipe) -> np.ndarray:

@@ -18,10 +18,11 @@ from fitprune.alpha_walk import Prepared
 from fitprune.cost import TokenCounts, predicted_reduction
 from fitprune.divergence import Divergence, divergence, reference
 from fitprune.fit import fit
-from fitprune.flops import ModelDims, prefill_flops
+from fitprune.flops import ModelDims
 from fitprune.search import Candidate, SearchConfig, SearchResult, _decide, project, search, split_batches
 from fitprune.stats import collect_stats
 from flows.toy import toy_batches, toy_model
+from reference import measured_reduction
 
 L, N_VISUAL = 8, 144
 BUDGETS = (0.3, 0.6)
@@ -68,19 +69,6 @@ def prepared(setup):
 
 def _inputs(batch):
     return {k: v for k, v in batch.items() if k != "sample_ids"}
-
-
-def measured_reduction(model, batches, recipe, dims) -> float:
-    """``1 - Σ executed / Σ unpruned`` prefill FLOPs, from the pruner's report and the attention masks."""
-    pruned, full = 0.0, 0.0
-    with fitprune.apply(model, recipe):
-        for batch in batches:
-            with torch.no_grad():
-                model(**_inputs(batch))
-            report = fitprune.last_report(model)
-            pruned += float(report.flops(dims).sum())
-            full += sum(prefill_flops(dims, [int(n)] * dims.num_layers) for n in batch["attention_mask"].sum(1))
-    return 1.0 - pruned / full
 
 
 # -- 6. split_batches -------------------------------------------------------------------------------
@@ -232,25 +220,18 @@ def test_decide_picks_least_heldout_kl_among_candidates_in_budget():
     assert _decide([over], 0.5, 0.05) is over
 
 
-def test_search_divergence_is_the_heldout_kl_of_the_recipe(setup, searched, config):
+@pytest.mark.parametrize("part, attribute", [("heldout", "divergence"), ("search", "divergence_search")])
+def test_search_divergences_are_the_kl_of_the_recipe_on_each_part(setup, searched, config, part, attribute):
     model, batches, _, _ = setup
-    _, held_idx = split_batches(batches, config.heldout)
-    held = [batches[i] for i in held_idx]
-    ref = reference(model, held, tokens=config.tokens)
+    search_idx, held_idx = split_batches(batches, config.heldout)
+    idx = held_idx if part == "heldout" else search_idx
+    chosen = [batches[i] for i in idx]
+    ref = reference(model, chosen, tokens=config.tokens)
     for r in searched:
-        d = divergence(model, held, r.recipe, ref)
-        assert d.n_samples == sum(int(batches[i]["input_ids"].shape[0]) for i in held_idx)
-        assert d.kl == pytest.approx(r.divergence, abs=1e-6)
-        assert r.recipe.metadata["n_heldout"] == d.n_samples
-
-
-def test_search_divergence_search_split_is_the_search_kl_of_the_recipe(setup, searched, config):
-    model, batches, _, _ = setup
-    search_idx, _ = split_batches(batches, config.heldout)
-    part = [batches[i] for i in search_idx]
-    ref = reference(model, part, tokens=config.tokens)
-    for r in searched:
-        assert divergence(model, part, r.recipe, ref).kl == pytest.approx(r.divergence_search, abs=1e-6)
+        d = divergence(model, chosen, r.recipe, ref)
+        assert d.n_samples == sum(int(batches[i]["input_ids"].shape[0]) for i in idx)
+        assert d.kl == pytest.approx(getattr(r, attribute), abs=1e-6)
+        assert r.recipe.metadata[f"n_{part}"] == d.n_samples
 
 
 def test_search_unreachable_budget_warns_and_is_infeasible(setup, config):

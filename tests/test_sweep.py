@@ -25,6 +25,7 @@ def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
     for r in recipes:  # every recipe carries its divergence on the calibration set it was measured on
         assert r["divergence"] is not None and r["divergence"] >= 0 and r["divergence_calib_id"] in calib_ids
         assert r["budget"] - 1e-9 <= r["measured_reduction"] <= r["budget"] + 0.01
+        assert abs(r["predicted_reduction"] - r["measured_reduction"]) < 1e-6  # the fit's prediction, not the budget
     for budget in (0.4, 0.7):  # the search's seeds include FastV and the authors' fit: it is never worse on them
         kl = {r["method"]: r["divergence"] for r in recipes if r["budget"] == budget}
         assert kl["fitprune"] <= min(kl["fastv"], kl["fitprune-paper"])
