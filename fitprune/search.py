@@ -43,7 +43,7 @@ from .divergence import Divergence, NonFiniteDivergence, Reference, divergence, 
 from .fit import fit
 from .flops import ModelDims
 from .recipe import Recipe
-from .search_space import SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, seeds, split_batches
+from .search_space import SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, seed_pool, split_batches
 
 __all__ = ["SCORINGS", "Candidate", "RecipeSearch", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
 
@@ -188,7 +188,7 @@ class RecipeSearch:
     def _fit_one(self, b: float, extra: list[Recipe]) -> SearchResult:
         config, evaluate, L = self.config, self.evaluate, self.dims.num_layers
         t0, passes0 = time.perf_counter(), evaluate.passes
-        pool = seeds(b, L, config, self.counts, self._walks.get(b, []), extra, self.n_ref)
+        pool = seed_pool(b, L, config, self.counts, self._walks.get(b, []), extra, self.n_ref)
         if not pool:
             return _infeasible(b, L, self.counts, self.family, self.stats, self.convention)
         for c in pool:

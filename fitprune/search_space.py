@@ -20,7 +20,7 @@ from .cost import FEASIBLE_EPS, TokenCounts, trim_counts
 from .divergence import Divergence
 from .recipe import Recipe
 
-__all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "project", "seeds", "split_batches"]
+__all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "project", "seed_pool", "split_batches"]
 
 SCORINGS = ("fitprune", "fastv")
 
@@ -33,8 +33,8 @@ class SearchConfig:
     ``walk_starts`` are first-layer constraints of the α-walk (entry indices), ``walk_caps`` its
     per-layer caps (fractions of the visual tokens; ``None``: no cap). ``shares``: fraction of the
     drops at the first stage of a two-stage pyramid. ``finalists`` seeds get ``rounds`` of local
-    moves; local moves stop once a budget's divergence passes (the seeds' included) reach ``max_evals``. ``heldout``: fraction of the
-    calibration batches kept out of the search to decide. ``tokens``: answer positions in the KL.
+    moves, which stop once a budget's divergence passes (the seeds' included) reach ``max_evals``.
+    ``heldout``: fraction of the calibration batches kept out of the search to decide. ``tokens``: answer positions in the KL.
     ``tolerance``: the decided recipe's measured reduction lies in [budget, budget + tolerance].
     ``refine`` / ``progressive``: also seed with the refined / progressive α-walk (live passes).
     """
@@ -227,7 +227,10 @@ def neighbours(c: Candidate, step: float) -> list[tuple[list[float], str, str]]:
     return out
 
 
-def seeds(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]:
+def seed_pool(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]:
+    """The distinct seeds of one budget, each on the budget: the α-walk recipes ``walks`` and the
+    built-in shapes with every scoring of ``config``, the baselines with their own scoring, and the
+    ``extra`` recipes (kept as they are when they already meet the budget within the tolerance)."""
     shapes: list[tuple[Sequence[float], str, str]] = []
     for recipe, name in walks:
         for scoring in config.scorings:
