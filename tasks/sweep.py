@@ -22,7 +22,7 @@ collect_statistics = task(name="collect-statistics", retries=1, retry_delay_seco
 collect_stats_shard = task(name="collect-statistics-shard", retries=1, retry_delay_seconds=5, tags=["gpu"],
                            task_run_name="stats-{calib[id]}-{start}-{end}",
                            **_COMMON)(steps.collect_stats_shard)  # skips a shard already in the store
-fit_budgets = task(name="fit-budget-grid", retries=1, **_COMMON)(steps.fit_budgets)
+fit_budgets = task(name="fit-budget-grid", retries=1, tags=["gpu"], **_COMMON)(steps.fit_budgets)  # the search runs the model
 evaluate_recipe = task(name="evaluate-recipe", retries=1, tags=["gpu"], **_COMMON)(steps.evaluate_recipe)
 evaluate_shard = task(name="evaluate-shard", retries=1, tags=["gpu"], task_run_name="eval-{method}-{start}-{end}",
                       **_COMMON)(steps.evaluate_shard)  # write id per (run, recipe, shard)
