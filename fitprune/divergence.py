@@ -29,6 +29,7 @@ from torch import nn
 from .adapters import get_adapter
 from .apply import apply, last_report
 from .flops import ModelDims, prefill_flops
+from .evaluation.harness import eos_ids
 from .recipe import Recipe
 
 __all__ = ["Divergence", "NonFiniteDivergence", "Reference", "divergence", "reference"]
@@ -124,13 +125,6 @@ class _Force:
         return forced
 
 
-def _eos_ids(model) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
 def _answer_logits(model: nn.Module, inputs: dict, tokens: int, forced: torch.Tensor | None):
     """Float32 logits ``(B, m, V)`` at the first ``m <= k`` answer positions and the tokens ``(B, m)``
     fed after them: greedy ones, or ``forced`` (teacher forcing). ``m < k`` when every sample ended."""
@@ -151,7 +145,7 @@ def _answer_logits(model: nn.Module, inputs: dict, tokens: int, forced: torch.Te
             raise ValueError("divergence over tokens > 1 generates after the prompt and needs left-padded batches "
                              "(every sample's last prompt token at the last position); pad on the left")
         steps = tokens if forced is None else forced.shape[1]
-        eos = _eos_ids(model)
+        eos = sorted(eos_ids(model))
         pad = getattr(model.generation_config, "pad_token_id", None)
         kwargs = dict(max_new_tokens=steps, do_sample=False, num_beams=1, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=pad if pad is not None else (eos[0] if eos else 0))
@@ -173,7 +167,7 @@ def reference(model: nn.Module, batches: Sequence, *, tokens: int = 1,
     batches, tokens = _check_batches(batches), _check_tokens(tokens)
     dims = get_adapter(model).dims(model)
     log_probs, valid, forced, flops, ids = [], [], [], [], []
-    eos = _eos_ids(model)
+    eos = sorted(eos_ids(model))
     for i, batch in enumerate(batches):
         inputs = _inputs(batch)
         logits, greedy = _answer_logits(model, inputs, tokens, None)

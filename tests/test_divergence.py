@@ -25,14 +25,7 @@ from tiny_models import FACTORIES, IMAGES, PAD_ID
 L = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from more, and on a shared 2-core machine a
-    second busy process makes torch's thread pool spin (tens of times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

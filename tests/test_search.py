@@ -10,7 +10,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import fitprune
 import fitprune.baselines
@@ -28,14 +27,7 @@ L, N_VISUAL = 8, 144
 BUDGETS = (0.3, 0.6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the toy model gains nothing from more, and on a shared 2-core machine a
-    second busy process makes torch's thread pool spin (tens of times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -322,7 +322,7 @@ def collate(encodings: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> 
 
 # --- generation -----------------------------------------------------------------------------------
 
-def _eos_ids(model) -> set[int]:
+def eos_ids(model) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         return set()
@@ -390,7 +390,7 @@ def generate_answers(model, encoder, samples: Iterable, *, recipe=None, batch_si
         preds.append(Prediction(sample_id=str(s.id), question=question if isinstance(question, str) else "",
                                 prediction=None, answers=sample_answers(s),
                                 choices=list(choices) if choices else None))
-    eos = _eos_ids(model)
+    eos = eos_ids(model)
     context = _apply(model, recipe) if recipe is not None else contextlib.nullcontext()
     with context:
         for start in range(0, len(samples), batch_size):
