@@ -61,9 +61,8 @@ def _cmd_sweep(args) -> int:
     import time
 
     from flows.sweep import run_sweep
-    from storage.catalog import format_table
     from storage.root import data_root
-    from tasks.report import plot_front, summary_text
+    from tasks.report import pareto_text, plot_front, summary_text
 
     start = time.perf_counter()
     config = _sweep_config(args)
@@ -73,8 +72,7 @@ def _cmd_sweep(args) -> int:
           f"{', '.join(config.benchmarks)}; budgets {', '.join(f'{b:g}' for b in config.budgets)}")
     print(summary_text(result))
     print("\nPareto front:")
-    print(format_table(result["pareto"].select(
-        ["benchmark", "method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples"])))
+    print(pareto_text(result))
     png = plot_front(result, str(data_root(args.data_root) / "reports"))
     print(f"\nplot: {png}" if png else "\nplot: skipped (pip install matplotlib)")
     print(f"took {time.perf_counter() - start:.0f} s")

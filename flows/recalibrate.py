@@ -36,12 +36,20 @@ def find_checkpoints(watch_dir: str) -> list[str]:
     return [str(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
 
 
-def checkpoints_without_recipes(paths: list[str], data_root: str | None) -> list[dict]:
-    """``[{"path", "checkpoint"}]`` for the paths whose fingerprint has no row in the store's ``recipes``."""
-    from fitprune.fingerprint import fingerprint
-    from storage import store
+_SWEPT = """
+SELECT DISTINCT recipes.checkpoint
+FROM recipes JOIN runs_latest USING (run_id)
+WHERE runs_latest.status = 'completed'
+"""
 
-    known = set(store.read_table("recipes", data_root).column("checkpoint").to_pylist())
+
+def checkpoints_without_recipes(paths: list[str], data_root: str | None) -> list[dict]:
+    """``[{"path", "checkpoint"}]`` for the paths whose fingerprint has no recipes from a completed run
+    (a failed or killed sweep does not count: its checkpoint is swept again)."""
+    from fitprune.fingerprint import fingerprint
+    from storage import catalog
+
+    known = set(catalog.query(_SWEPT, root=data_root).column("checkpoint").to_pylist())
     out = []
     for path in paths:
         fp = fingerprint(path)

@@ -1,31 +1,20 @@
-"""The sweep: calibrate → fit a budget grid per method → evaluate → Pareto front.
+"""The sweep: open a run → calibrate → fit a budget grid per method → evaluate → close the run → report.
 
 ``run_sweep`` (what ``fitprune sweep`` runs) executes the steps in-process, no Prefect server
 needed; ``flows.sweep_flow`` runs the very same composition (``compose``) with each step as a
-Prefect task. The steps themselves are plain functions over plain data in ``tasks.steps``. Every
-step reads and writes the store (Parquet + DuckDB); statistics are keyed by checkpoint
-fingerprint and calibration id and written per shard of samples, so a re-run reuses what is
-there and collects only the missing shards.
+Prefect task. The steps are plain functions in ``tasks`` (``tasks.steps`` lists them); each reads
+and writes the store (Parquet + DuckDB). Statistics are keyed by checkpoint fingerprint,
+calibration set and sample, so a re-run with any shard size collects only missing samples.
+``compose`` only wires steps: what a run produced is read back from the catalog's views.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 from tasks import steps as plain_steps
-from tasks.steps import (  # noqa: F401  (re-exported: the sweep's building blocks)
-    DEFAULT_METHODS,
-    METHODS,
-    SEARCH_SIZES,
-    calibration_stats,
-    evaluate,
-    method_recipes,
-    recipe_id,
-)
+from tasks.steps import DEFAULT_METHODS, METHODS, SEARCH_SIZES
 
 DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
 
@@ -36,7 +25,7 @@ class SweepConfig:
     easy-VQA test + synthetic test for question sources, the calibration source's own "eval" split for
     input sources); ``n_eval`` samples each. Sources: ``tasks.sources``. ``search``: how wide the
     ``fitprune`` method's divergence search is (``small``, ``full``; ``auto``: small on a CPU, full on
-    a GPU; ``tasks.steps.search_config``)."""
+    a GPU; ``tasks.recipes.search_config``)."""
 
     budgets: tuple[float, ...] = (0.5, 0.7)
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -141,103 +130,83 @@ def default_spec(config: SweepConfig) -> dict:
     return {"kind": "toy", "seed": config.seed} if sources.parse(config.source).kind == "toy" else {"kind": "demo"}
 
 
-def _stderr(metric: float, n: int) -> float:
-    return (metric * (1 - metric) / n) ** 0.5 if n > 1 and 0 <= metric <= 1 else float("nan")
+def _calls(config: SweepConfig, spec: dict, info: dict, run_id: str, eval_sets: dict, grid: dict) -> list[dict]:
+    """One ``evaluate_shard`` call per (benchmark, recipe, shard); the unpruned model first."""
+    recipe_ids = ["none"] + [rid for m in config.methods for rid in grid[m]]
+    return [dict(spec=spec, info=info, eval_set=eval_set, recipe_id=rid, start=s, end=e, batch_size=config.batch_size,
+                 run_id=run_id, benchmark=benchmark, root=config.root, max_new_tokens=config.max_new_tokens)
+            for benchmark, eval_set in eval_sets.items() for rid in recipe_ids
+            for s, e in plain_steps.shard_ranges(eval_set["n"], config.shard_size)]
 
 
-def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool = False) -> dict:
-    """The sweep wired from ``steps`` (plain functions, or the Prefect tasks of ``tasks.sweep``).
+def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool = False, flow: str = "sweep") -> dict:
+    """The sweep wired from ``steps`` (``tasks.steps``, or the Prefect tasks of ``tasks.sweep``).
 
-    Statistics and evaluation run per shard of ``config.shard_size`` samples; statistics shards
-    already in the store are skipped (an interrupted sweep resumes), evaluation shards write one
-    row each (plus per-sample predictions for question benchmarks). Every method is evaluated at
-    every budget on every benchmark, and the unpruned model once per benchmark. Only paths, ids,
-    recipe JSON and small dicts pass between steps. ``progress``: a line (or bar) per shard on
-    stderr. Returns ``{"run_id", "checkpoint", "rows", "summary", "recipes", "pareto_rows"}``
-    (``rows``: one per recipe, benchmark and shard; ``summary``: one per recipe and benchmark).
+    A start row in ``runs`` first, an end row last: ``completed``, or ``failed`` / ``interrupted``
+    (with the error) when a step raises or the run is stopped (Ctrl-C, SIGTERM); the error is
+    re-raised. Statistics and evaluation run per shard of ``config.shard_size`` samples; recipes
+    are written when fitted and passed on by id. ``progress``: a line (or bar) per shard on
+    stderr. Returns ``{"run_id", "checkpoint", "summary", "pareto_rows", "config"}``: ``summary``
+    is the run's rows of the ``run_evaluations`` view (one per benchmark and recipe), ``pareto_rows``
+    the checkpoint's front (``pareto`` view); plain data only.
     """
-    spec = plain_steps.normalize_spec(spec)
-    run_id = "run-" + uuid.uuid4().hex[:12]
-    started = time.time()
+    spec = steps.normalize_spec(spec)
     root = config.root
-    _log(plain_steps.describe_model(spec))
-    info = steps.model_info(spec)
-    checkpoint = info["checkpoint"]
-    calib = steps.calibration_set(config.n_calib, config.seed, "calib", config.source, root)
-    eval_sets = {b: steps.calibration_set(config.n_eval, config.seed + 1, "eval", b, root) for b in config.benchmarks}
-    _log(f"checkpoint {checkpoint}; calibration: {config.n_calib} samples of {config.source} ({calib['id']}); "
-         f"budgets {list(config.budgets)}; methods {list(config.methods)} + unpruned; evaluation: "
-         f"{config.n_eval} samples each of {', '.join(config.benchmarks)}; shards of {config.shard_size}")
-
-    shards = plain_steps.shard_ranges(calib["n"], config.shard_size)
-    bar = Progress(len(shards), "statistics", progress)
-    reused = True
-    for done in _run_all(steps.collect_stats_shard, [
-            dict(spec=spec, calib=calib, checkpoint=checkpoint, start=s, end=e, batch_size=config.batch_size,
-                 root=root) for s, e in shards]):
-        reused &= done["reused"]
-        bar.update(f"samples {done['start']}-{done['end']} " + ("reused" if done["reused"] else f"{done['seconds']:.1f}s"))
-    bar.close()
-    if reused:
-        _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
-    stats_ref = {"checkpoint": checkpoint, "calib_id": calib["id"], "n": calib["n"], "reused": reused}
-    grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root,
-                             spec=spec, calib=calib, batch_size=config.batch_size, search=config.search)
-
-    jobs = [("none", None)] + [(m, rj) for m in config.methods for rj in grid[m]]
-    calls, keys = [], []
-    for benchmark, eval_set in eval_sets.items():
-        for m, rj in jobs:
-            for s, e in plain_steps.shard_ranges(eval_set["n"], config.shard_size):
-                calls.append(dict(spec=spec, info=info, eval_set=eval_set, recipe_json=rj, start=s, end=e,
-                                  batch_size=config.batch_size, run_id=run_id, method=m, benchmark=benchmark,
-                                  root=root, max_new_tokens=config.max_new_tokens))
-                keys.append((benchmark, m, rj))
-    bar = Progress(len(calls), "evaluation", progress)
-    grouped: dict[tuple, list[dict]] = {}
-    for key, row in zip(keys, _run_all(steps.evaluate_shard, calls)):
-        grouped.setdefault(key, []).append(row)
-        bar.update(f"{key[0]} {key[1]} shard {row['shard']}")
-    eval_rows, summary, recipe_rows = [], [], {}
-    for (benchmark, method, recipe_json), shard_rows in grouped.items():
-        eval_rows += shard_rows
-        res = plain_steps.combine_shards(shard_rows)
-        budget = None
-        if recipe_json is not None:
-            recipe = plain_steps.Recipe.from_dict(json.loads(recipe_json))
-            budget = recipe.budget
-            recipe_rows.setdefault(recipe_json, plain_steps.recipe_row(recipe, method, info["family"], run_id,
-                                                                       config.convention))
-        n_scored = res["n_samples"] - res["n_failed"]
-        summary.append({"benchmark": benchmark, "method": method, "budget": budget,
-                        "flops_reduction": res["flops_reduction"], "metric_name": res["metric_name"],
-                        "metric": res["metric"], "stderr": _stderr(res["metric"], n_scored),
-                        "n_samples": res["n_samples"], "n_failed": res["n_failed"], "wall_s": res["wall_s"]})
-        label = "unpruned" if budget is None else f"budget {budget:.2f}"
-        failed = f", {res['n_failed']} failed" if res["n_failed"] else ""
-        bar.note(f"{benchmark:16s} {method:9s} {label:12s}: measured FLOPs −{res['flops_reduction']:.3f}, "
-                 f"{res['metric_name']} {res['metric']:.3f} ± {summary[-1]['stderr']:.3f} ({n_scored} samples{failed})")
-    bar.close()
+    run_id = steps.new_run_id()
     parameters = {**asdict(config), "model": spec}
-    steps.write_results(run_id, list(recipe_rows.values()), [], parameters, started, root)
-    front = steps.pareto_rows(root, checkpoint, None)
-    return {"run_id": run_id, "checkpoint": checkpoint, "rows": eval_rows, "summary": summary,
-            "recipes": list(recipe_rows.values()), "pareto_rows": front, "config": parameters}
+    started = steps.start_run(run_id, flow, parameters, root)
+    try:
+        _log(steps.describe_model(spec))
+        info = steps.model_info(spec, root)
+        checkpoint = info["checkpoint"]
+        calib = steps.calibration_set(config.n_calib, config.seed, "calib", config.source, root)
+        eval_sets = {b: steps.calibration_set(config.n_eval, config.seed + 1, "eval", b, root) for b in config.benchmarks}
+        _log(f"run {run_id}; checkpoint {checkpoint}; calibration: {config.n_calib} samples of {config.source} "
+             f"({calib['id']}); budgets {list(config.budgets)}; methods {list(config.methods)} + unpruned; evaluation: "
+             f"{config.n_eval} samples each of {', '.join(config.benchmarks)}; shards of {config.shard_size}")
+
+        shards = steps.shard_ranges(calib["n"], config.shard_size)
+        bar, collected = Progress(len(shards), "statistics", progress), 0
+        for done in _run_all(steps.collect_stats_shard, [
+                dict(spec=spec, calib=calib, checkpoint=checkpoint, start=s, end=e, batch_size=config.batch_size,
+                     root=root) for s, e in shards]):
+            collected += done["collected"]
+            bar.update(f"samples {done['start']}-{done['end']} " +
+                       ("reused" if done["reused"] else f"{done['collected']} collected, {done['seconds']:.1f}s"))
+        bar.close()
+        if not collected:
+            _log(f"statistics: reusing {checkpoint}/{calib['id']} from the store")
+        stats_ref = {"checkpoint": checkpoint, "calib_id": calib["id"]}
+        grid = steps.fit_budgets(info, stats_ref, list(config.budgets), list(config.methods), config.convention, root,
+                                 spec=spec, calib=calib, batch_size=config.batch_size, search=config.search,
+                                 run_id=run_id)
+
+        calls = _calls(config, spec, info, run_id, eval_sets, grid)
+        bar = Progress(len(calls), "evaluation", progress)
+        for call, row in zip(calls, _run_all(steps.evaluate_shard, calls)):
+            bar.update(f"{call['benchmark']} {row['method']} shard {row['shard']}: {row['metric_name']} "
+                       f"{row['metric']:.3f}, FLOPs −{row['flops_reduction']:.3f}")
+        bar.close()
+    except BaseException as err:
+        status = "failed" if isinstance(err, Exception) else "interrupted"
+        try:
+            steps.end_run(run_id, flow, parameters, started, status, root, error=f"{type(err).__name__}: {err}"[:2000])
+        except Exception as also:  # keep the run's own error, which says what went wrong
+            _log(f"run {run_id}: could not record its end ({type(also).__name__}: {also})")
+        raise
+    steps.end_run(run_id, flow, parameters, started, "completed", root)
+    return {"run_id": run_id, "checkpoint": checkpoint, "summary": steps.run_summary(run_id, root),
+            "pareto_rows": steps.pareto_rows(root, checkpoint), "config": parameters}
 
 
 def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, progress: bool = False) -> dict:
-    """Run the whole sweep in-process; returns {"run_id", "checkpoint", "pareto" (Arrow table), "rows", ...}.
+    """Run the whole sweep in-process; returns ``compose``'s result (the run's summary and Pareto rows).
 
     ``spec`` picks the model (``tasks.models``); default: the demo model (the toy model for toy inputs).
     """
-    from storage import catalog
-
     config = config or SweepConfig()
-    spec = spec or default_spec(config)
-    result = compose(config, spec, plain_steps, progress=progress)
-    result["pareto"] = catalog.pareto(config.root, checkpoint=result["checkpoint"])
-    return result
+    return compose(config, spec or default_spec(config), plain_steps, progress=progress)
 
 
-__all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "SweepConfig", "calibration_stats", "compose", "default_spec", "evaluate",
-           "method_recipes", "recipe_id", "run_sweep"]
+__all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "Progress", "SweepConfig", "compose", "default_spec",
+           "run_sweep"]

@@ -65,7 +65,7 @@ def sweep(
     config.root = str(resolve_root(config.root))  # resolved once, here, so every task writes the same place
     logger = get_run_logger()
     logger.info(f"model {spec}; data root {config.root}")
-    result = compose(config, spec, sweep_tasks)
+    result = compose(config, spec, sweep_tasks, flow="fitprune/sweep")
     sweep_tasks.publish_artifacts(result, str(Path(config.root) / "reports"))
     logger.info(f"run {result['run_id']}: {len(result['pareto_rows'])} Pareto-front rows for {result['checkpoint']}")
     return {"run_id": result["run_id"], "checkpoint": result["checkpoint"], "pareto_rows": result["pareto_rows"]}

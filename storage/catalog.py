@@ -195,7 +195,7 @@ _PARETO_SQL = """
 SELECT * FROM pareto
 WHERE ($checkpoint IS NULL OR checkpoint = $checkpoint)
   AND ($benchmark IS NULL OR benchmark = $benchmark)
-ORDER BY checkpoint, benchmark, metric_name, flops_reduction, recipe_id
+ORDER BY checkpoint, benchmark, eval_set, metric_name, flops_reduction, recipe_id
 """
 
 

@@ -336,20 +336,33 @@ def _filter_expr(spec: Table, filters: Mapping[str, Any]) -> ds.Expression | Non
     return expr
 
 
-def read_table(table: str, root=None, filters: Mapping[str, Any] | ds.Expression | None = None) -> pa.Table:
+def read_table(table: str, root=None, filters: Mapping[str, Any] | ds.Expression | None = None,
+               columns: Sequence[str] | None = None, parts: Sequence[Path] | None = None) -> pa.Table:
     """All rows of ``table`` (in no particular order) with its schema; zero rows if nothing was written.
 
     ``filters``: a dict of column -> value (a list/tuple/set means "any of", None means NULL),
     combined with AND; or a ``pyarrow.dataset`` expression. Filters on partition columns skip
-    other partitions' files. Files written under an older schema read with NULL for new columns.
+    other partitions' files. ``columns``: read only these (in this order). ``parts``: read only
+    these part files (from ``list_parts``). Files written under an older schema read with NULL for
+    new columns.
     """
     spec = get_table(table)
+    if columns is not None:
+        unknown = [c for c in columns if c not in spec.names]
+        if unknown:
+            raise ValueError(f"{spec.name}: cannot read unknown column(s) {unknown}; the columns are {spec.names}")
     if isinstance(filters, Mapping):
         paths = list_parts(table, root, {k: v for k, v in filters.items() if k in spec.partition_by})
         expr = _filter_expr(spec, filters)
     else:
         paths, expr = list_parts(table, root), filters
+    if parts is not None:
+        wanted = {Path(p) for p in parts}
+        paths = [p for p in paths if p in wanted]
+    schema = spec.schema if columns is None else pa.schema([spec.schema.field(c) for c in columns],
+                                                           metadata=spec.schema.metadata)
     if not paths:
-        return spec.schema.empty_table()
+        return schema.empty_table()
     dataset = ds.dataset([str(p) for p in paths], schema=spec.schema, format="parquet")
-    return dataset.to_table(filter=expr).replace_schema_metadata(spec.schema.metadata)
+    return dataset.to_table(columns=None if columns is None else list(columns),
+                            filter=expr).replace_schema_metadata(spec.schema.metadata)

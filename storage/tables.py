@@ -103,9 +103,10 @@ TABLES: dict[str, Table] = {
     for t in [
         Table(
             "calibration_sets",
-            "Which samples a calibration set holds, from where, and a hash of their content.",
+            "Sample sets (calibration and evaluation): which samples, from where, and a hash of their content.",
             (
-                Column("calib_id", _S, "Calibration set id (referenced by the statistics tables)."),
+                Column("calib_id", _S, "Sample set id (referenced by the statistics tables as calib_id and by "
+                       "evaluations and predictions as eval_set)."),
                 Column("source", _S, "Where the samples come from (data set name or path)."),
                 Column("split", _S, "Split of the source the samples were drawn from."),
                 Column("n_samples", _I32, "Number of samples in the set."),
@@ -148,7 +149,8 @@ TABLES: dict[str, Table] = {
         ),
         Table(
             "recipes",
-            "Fitted pruning recipes, one row per recipe (the JSON file's content in recipe_json).",
+            "Fitted pruning recipes, one row per recipe and run, written when the recipe is fitted (before any "
+            "evaluation); the full recipe in recipe_json.",
             (
                 Column("recipe_id", _S, "Recipe id (stable hash of the recipe's content)."),
                 Column("checkpoint", _S, "Checkpoint fingerprint the recipe was fitted on."),
@@ -172,6 +174,9 @@ TABLES: dict[str, Table] = {
                 Column("divergence_samples", _I32, "Held-out samples behind divergence.", nullable=True),
                 Column("measured_reduction", _F64, "FLOPs reduction measured from executed token counts on the "
                        "calibration set.", nullable=True),
+                Column("feasible", pa.bool_(), "Whether the fit met the budget (measured reduction on the "
+                       "calibration set at least the budget); NULL in rows written before it was recorded.",
+                       nullable=True),
             ),
         ),
         Table(
@@ -193,6 +198,11 @@ TABLES: dict[str, Table] = {
                 Column("shard", _S, "Sample range of the shard, e.g. '0-500'."),
                 _created_at(),
                 _versions(),
+                Column("eval_set", _S, "Sample set evaluated (calibration_sets.calib_id: source, split, n, seed); "
+                       "NULL in rows written before it was recorded.", nullable=True),
+                Column("eval_content_hash", _S, "Content hash of that sample set when the shard ran.", nullable=True),
+                Column("prefill_flops_full", _F64, "Mean prefill FLOPs per sample of the same prompts unpruned.",
+                       nullable=True),
             ),
         ),
         Table(
@@ -219,6 +229,7 @@ TABLES: dict[str, Table] = {
                 Column("prefill_flops", _F64, "Prefill FLOPs from the executed token counts.", nullable=True),
                 Column("prefill_flops_full", _F64, "Prefill FLOPs of the same prompt unpruned.", nullable=True),
                 _created_at(),
+                Column("eval_set", _S, "Sample set evaluated (calibration_sets.calib_id).", nullable=True),
             ),
         ),
         Table(
@@ -228,10 +239,13 @@ TABLES: dict[str, Table] = {
                 Column("run_id", _S, "Run id (the flow run id)."),
                 Column("flow", _S, "Flow name."),
                 Column("parameters", _S, "JSON object of the run's parameters.", json=True),
-                Column("status", _S, "Status when the row was written, e.g. running, completed, failed."),
+                Column("status", _S, "Status when the row was written: running (start row), then completed, "
+                       "failed or interrupted (end row). A run killed outright keeps only its start row."),
                 Column("started_at", TIMESTAMP, "When the run started (UTC)."),
-                Column("ended_at", TIMESTAMP, "When the run ended (UTC); NULL while running.", nullable=True),
+                Column("ended_at", TIMESTAMP, "When the run ended (UTC); NULL in the start row.", nullable=True),
                 _versions(),
+                Column("error", _S, "Why a failed or interrupted run ended (exception type and message).",
+                       nullable=True),
             ),
         ),
         Table(

@@ -7,8 +7,10 @@ A spec is a JSON-able dict, so it can cross Prefect task boundaries where a mode
     {"kind": "path", "path": "/ckpt/llava"} a local Hugging Face checkpoint directory
 
 optionally with ``"device"`` (default ``"cpu"``) and, for demo and path, ``"dtype"``
-(``"float32"`` default, or ``"bfloat16"``). The demo model is built once into the data root
-(``fitprune.demo.build_demo_model``) and loaded from there afterwards.
+(``"float32"`` default, or ``"bfloat16"``). The demo model is built once into
+``<data root>/models`` (``fitprune.demo.build_demo_model``; the ``root`` argument of ``load_model``,
+``encoder_for`` and ``model_info``, else ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``) and loaded
+from there afterwards.
 """
 
 from __future__ import annotations
@@ -106,43 +108,45 @@ def _load_local(path: str, dtype: torch.dtype):
     return model, processor
 
 
-def _build(spec: dict):
+def _build(spec: dict, root=None):
     if spec["kind"] == "toy":
-        from flows import toy
+        from fitprune.demo import toy
 
         return toy.toy_model(spec["seed"]), None
     if spec["kind"] == "demo":
         from fitprune.demo import build_demo_model
         from storage.root import data_root
 
-        cache = data_root() / "models"
+        cache = data_root(root) / "models"
         _log(f"model: demo LLaVA from {cache} (built on first use, ~25 s)")
         return build_demo_model(cache, dtype=getattr(torch, spec["dtype"]))
     _log(f"model: loading {spec['path']}")
     return _load_local(spec["path"], getattr(torch, spec["dtype"]))
 
 
-def _entry(spec) -> tuple:
+def _entry(spec, root=None) -> tuple:
     spec = normalize_spec(spec)
     key = _key(spec)
     with LOCK:
         if key not in _MODELS:
-            model, processor = _build(spec)
+            model, processor = _build(spec, root)
             _MODELS[key] = (model.to(spec["device"]).eval(), processor)
         return _MODELS[key]
 
 
-def load_model(spec) -> torch.nn.Module:
-    """The model for ``spec``, built or loaded once per process (eval mode, on the spec's device)."""
-    return _entry(spec)[0]
+def load_model(spec, root=None) -> torch.nn.Module:
+    """The model for ``spec``, built or loaded once per process (eval mode, on the spec's device).
+
+    ``root``: the data root whose ``models/`` caches the built demo model."""
+    return _entry(spec, root)[0]
 
 
-def encoder_for(spec):
+def encoder_for(spec, root=None):
     """The evaluation harness's encoder for the spec's model (question sources need one)."""
     from fitprune.evaluation.harness import DemoEncoder, HFEncoder
 
     spec = normalize_spec(spec)
-    processor = _entry(spec)[1]
+    processor = _entry(spec, root)[1]
     if spec["kind"] == "demo":
         return DemoEncoder(processor)
     if processor is None:
@@ -163,14 +167,14 @@ def describe_model(spec) -> str:
     return f"model: {spec['path']} on {spec['device']}, {spec['dtype']}"
 
 
-def model_info(spec) -> dict:
+def model_info(spec, root=None) -> dict:
     """Checkpoint fingerprint, family and text dims (as a dict) of the spec's model.
 
     A path spec is fingerprinted from its files (what ``flows.recalibrate`` looks up); the demo and
     toy models from their live weights.
     """
     spec = normalize_spec(spec)
-    model = load_model(spec)
+    model = load_model(spec, root)
     adapter = get_adapter(model)
     dims = ModelDims.from_config(adapter.text_config(model))
     checkpoint = fingerprint(spec["path"]) if spec["kind"] == "path" else fingerprint(model)

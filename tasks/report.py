@@ -6,7 +6,8 @@ import math
 import os
 from pathlib import Path
 
-_PARETO = ("benchmark", "method", "recipe_id", "flops_reduction", "metric_name", "metric", "n_samples")
+_PARETO = ("benchmark", "method", "budget", "flops_reduction", "metric_name", "metric", "stderr", "n_scored",
+           "recipe_id")
 
 
 def _cell(value) -> str:
@@ -15,23 +16,36 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _stderr(row: dict) -> float:
+    return math.nan if row.get("stderr") is None else float(row["stderr"])
+
+
 def _summary_rows(result: dict) -> list[list[str]]:
     rows = []
     for r in sorted(result["summary"], key=lambda r: (r["benchmark"], r["budget"] or 0.0, r["method"])):
         rows.append([r["benchmark"], r["method"], _cell(r["budget"]), f"{r['flops_reduction']:.3f}",
-                     f"{r['metric']:.3f} ± {_cell(r['stderr'])}", str(r["n_samples"] - r["n_failed"]),
-                     str(r["n_failed"]), f"{r['wall_s']:.1f}"])
+                     f"{r['metric']:.3f} ± {_cell(_stderr(r))}", str(r["n_scored"]), str(r["n_failed"]),
+                     f"{r['wall_s']:.1f}"])
     return rows
 
 
 _SUMMARY = ("benchmark", "method", "budget", "FLOPs removed", "metric ± stderr", "n", "failed", "seconds")
 
 
-def summary_text(result: dict) -> str:
-    """Every (benchmark, method, budget) of the run, aligned for a terminal."""
-    rows = [list(_SUMMARY)] + _summary_rows(result)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_SUMMARY))]
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def summary_text(result: dict) -> str:
+    """Every (benchmark, method, budget) of the run, aligned for a terminal (the run_evaluations view)."""
+    return _aligned([list(_SUMMARY)] + _summary_rows(result))
+
+
+def pareto_text(result: dict) -> str:
+    """The checkpoint's Pareto front (the pareto view), aligned for a terminal."""
+    rows = [[_cell(r.get(c)) for c in _PARETO] for r in result["pareto_rows"]]
+    return _aligned([list(_PARETO)] + rows) + f"\n({len(rows)} row{'s' if len(rows) != 1 else ''})"
 
 
 def markdown_report(result: dict) -> str:
@@ -40,7 +54,7 @@ def markdown_report(result: dict) -> str:
              "## Pareto front", "", "| " + " | ".join(_PARETO) + " |", "|" + "---|" * len(_PARETO)]
     for row in result["pareto_rows"]:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in _PARETO) + " |")
-    lines += ["", "## All evaluations (metric ± binomial standard error)", "",
+    lines += ["", "## All evaluations of this run (metric ± standard error of the per-sample scores)", "",
               "| " + " | ".join(_SUMMARY) + " |", "|" + "---|" * len(_SUMMARY)]
     for row in _summary_rows(result):
         lines.append("| " + " | ".join(row) + " |")
@@ -63,7 +77,7 @@ def plot_front(result: dict, out_dir: str) -> str | None:
         rows = [r for r in result["summary"] if r["benchmark"] == benchmark]
         base = [r for r in rows if r["method"] == "none"]
         for method in sorted({r["method"] for r in rows} - {"none"}):
-            points = sorted((r["flops_reduction"], r["metric"], r["stderr"]) for r in rows + base
+            points = sorted((r["flops_reduction"], r["metric"], _stderr(r)) for r in rows + base
                             if r["method"] in (method, "none"))
             xs, ys, es = zip(*points)
             ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=method)

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LEGACY_ALIASES", "QUESTION_METRICS", "Source", "describe", "is_question_source", "metric_for",
+__all__ = ["QUESTION_METRICS", "Source", "describe", "is_question_source", "metric_for",
            "parse", "question_samples", "question_hash"]
 
-LEGACY_ALIASES = {"demo": "toy", "demo-synthetic": "toy"}  # names of the toy source before the demo model
 # metric (fitprune.evaluation.harness.score) per question source kind
 QUESTION_METRICS = {"easy-vqa": "exact_match", "synthetic": "exact_match", "pope": "pope", "gqa": "exact_match",
                     "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "mme": "exact_match",
@@ -59,7 +58,7 @@ def parse(source: str) -> Source:
     """The source's (kind, argument); ValueError naming the accepted forms otherwise."""
     if not isinstance(source, str):
         raise ValueError(f"a sample source is a string such as 'easy-vqa:test'; got {source!r}")
-    source = LEGACY_ALIASES.get(source.strip(), source.strip())
+    source = source.strip()
     if source == "toy":
         return Source(("toy", None))
     kind, sep, arg = source.partition(":")

@@ -1,9 +1,9 @@
 """Prefect tasks: thin wrappers over ``tasks.steps`` (names, retries, tags; no logic here).
 
-Each takes and returns JSON-able values. GPU work (statistics, evaluation) carries the tag
-``gpu``, so a tag concurrency limit (``prefect concurrency-limit create gpu 1``) lets one such
+Each takes and returns JSON-able values. GPU work (statistics, fitting, evaluation) carries the
+tag ``gpu``, so a tag concurrency limit (``prefect concurrency-limit create gpu 1``) lets one such
 task run at a time per server. Prefect's own result caching is off (``NO_CACHE``): reuse happens
-in the store, keyed by checkpoint fingerprint and calibration id, where every run can see it.
+in the store, keyed by checkpoint fingerprint, sample set and sample, where every run can see it.
 """
 
 from __future__ import annotations
@@ -15,19 +15,25 @@ from tasks import steps
 
 _COMMON = dict(cache_policy=NO_CACHE, log_prints=True)
 
+start_run = task(name="start-run", retries=2, retry_delay_seconds=2, **_COMMON)(steps.start_run)
 model_info = task(name="inspect-checkpoint", retries=1, tags=["gpu"], **_COMMON)(steps.model_info)
 calibration_set = task(name="sample-calibration-set", retries=2, **_COMMON)(steps.calibration_set)
-collect_statistics = task(name="collect-statistics", retries=1, retry_delay_seconds=5, tags=["gpu"],
-                          **_COMMON)(steps.collect_statistics)  # idempotent: fixed write id, reuses the store
 collect_stats_shard = task(name="collect-statistics-shard", retries=1, retry_delay_seconds=5, tags=["gpu"],
                            task_run_name="stats-{calib[id]}-{start}-{end}",
-                           **_COMMON)(steps.collect_stats_shard)  # skips a shard already in the store
+                           **_COMMON)(steps.collect_stats_shard)  # collects only samples the store lacks
 fit_budgets = task(name="fit-budget-grid", retries=1, tags=["gpu"], **_COMMON)(steps.fit_budgets)  # the search runs the model
-evaluate_recipe = task(name="evaluate-recipe", retries=1, tags=["gpu"], **_COMMON)(steps.evaluate_recipe)
-evaluate_shard = task(name="evaluate-shard", retries=1, tags=["gpu"], task_run_name="eval-{method}-{start}-{end}",
-                      **_COMMON)(steps.evaluate_shard)  # write id per (run, recipe, shard)
-write_results = task(name="write-results", retries=2, retry_delay_seconds=2, **_COMMON)(steps.write_results)
+evaluate_shard = task(name="evaluate-shard", retries=1, tags=["gpu"],
+                      task_run_name="eval-{benchmark}-{recipe_id}-{start}-{end}",
+                      **_COMMON)(steps.evaluate_shard)  # write id per (run, sample set, recipe, shard)
+end_run = task(name="end-run", retries=2, retry_delay_seconds=2, **_COMMON)(steps.end_run)
+run_summary = task(name="summarise-run", retries=2, **_COMMON)(steps.run_summary)
 pareto_rows = task(name="select-pareto-front", retries=2, **_COMMON)(steps.pareto_rows)
+# pure, no side effects: not tasks
+shard_ranges = steps.shard_ranges
+new_run_id = steps.new_run_id
+normalize_spec = steps.normalize_spec
+describe_model = steps.describe_model
+DEFAULT_METHODS, METHODS, SEARCH_SIZES = steps.DEFAULT_METHODS, steps.METHODS, steps.SEARCH_SIZES
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)

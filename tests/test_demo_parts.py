@@ -207,7 +207,7 @@ def test_failed_samples_are_recorded_and_the_run_goes_on(demo_spec, tmp_path):
         (root / f"coco_pope_{cat}.json").write_text("".join(_json.dumps(x) + "\n" for x in lines))
     eval_set = steps.calibration_set(9, 0, "eval", f"pope:{root}", root=tmp_path / "data")
     info = steps.model_info(demo_spec)
-    row = steps.evaluate_shard(demo_spec, info, eval_set, None, 0, 9, 3, "run-f", "none", "pope", tmp_path / "data")
+    row = steps.evaluate_shard(demo_spec, info, eval_set, "none", 0, 9, 3, "run-f", "pope", tmp_path / "data")
     assert row["n_samples"] == 9 and row["n_failed"] == 6 and row["metric_name"] == "pope"
     from storage import store
 

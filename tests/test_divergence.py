@@ -18,7 +18,7 @@ import fitprune
 import fitprune.baselines
 from fitprune.divergence import Divergence, NonFiniteDivergence, Reference, divergence, reference
 from fitprune.flops import ModelDims
-from flows.toy import toy_batches, toy_model
+from fitprune.demo.toy import toy_batches, toy_model
 from reference import measured_reduction
 from tiny_models import FACTORIES, IMAGES, PAD_ID
 

@@ -12,7 +12,7 @@ from fitprune.fit import fit, walk
 from fitprune.flops import ModelDims, prefill_flops
 from fitprune.progressive import fit_progressive, progressive_walk, refine
 from fitprune.stats import collect_stats
-from flows.toy import toy_batches, toy_model
+from fitprune.demo.toy import toy_batches, toy_model
 
 N_VISUAL = 144
 

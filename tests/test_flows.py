@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from flows import toy
+from fitprune.demo import toy
 from flows.sweep import SweepConfig, compose
 from flows.sweep_flow import validate
 from tasks import steps
@@ -22,16 +22,67 @@ def test_steps_compose_without_prefect(tmp_path):
     config = SweepConfig(budgets=(0.5,), methods=("fitprune", "random"), n_calib=4, n_eval=4, batch_size=4,
                          root=str(tmp_path), source="toy")
     result = compose(config, {"kind": "toy", "seed": 0})
-    assert {r["method"] for r in result["rows"]} == {"none", "fitprune", "random"}
+    assert {r["method"] for r in result["summary"]} == {"none", "fitprune", "random"}
+    assert all(r["run_id"] == result["run_id"] and r["status"] == "completed" for r in result["summary"])
     assert result["pareto_rows"] and all(r["checkpoint"] == result["checkpoint"] for r in result["pareto_rows"])
     json.dumps(result)  # only plain data crosses step boundaries
     md = markdown_report(result)
     assert "## Pareto front" in md and result["run_id"] in md
     png = plot_front(result, str(tmp_path / "reports"))  # None without matplotlib
     assert png is None or png.endswith(".png")
-    again = steps.collect_statistics({"kind": "toy"}, steps.calibration_set(4, 0, source="toy", root=tmp_path),
-                                    result["checkpoint"], 4, tmp_path)
-    assert again["reused"] is True
+    calib = steps.calibration_set(4, 0, source="toy", root=tmp_path)
+    again = steps.collect_stats_shard({"kind": "toy"}, calib, result["checkpoint"], 0, 4, 4, tmp_path)
+    assert again["reused"] is True and again["collected"] == 0
+
+
+def test_a_failed_run_records_why_and_counts_nowhere(tmp_path):
+    """A step that raises mid-evaluation: the run's end row says failed with the error, the error reaches
+    the caller, and the summary view and front hold nothing of it."""
+    from types import SimpleNamespace
+
+    from storage import catalog, store
+
+    calls = []
+
+    def failing_shard(**kw):
+        calls.append(kw["recipe_id"])
+        if len(calls) == 2:
+            raise RuntimeError("GPU fell off the bus")
+        return steps.evaluate_shard(**kw)
+
+    namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
+    namespace.evaluate_shard = failing_shard
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=4, batch_size=4,
+                         root=str(tmp_path), source="toy")
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        compose(config, {"kind": "toy", "seed": 0}, namespace)
+    runs = catalog.query("SELECT status, error, ended_at FROM runs_latest", root=tmp_path).to_pylist()
+    assert len(runs) == 1 and runs[0]["status"] == "failed" and runs[0]["ended_at"] is not None
+    assert runs[0]["error"] == "RuntimeError: GPU fell off the bus"
+    assert store.read_table("evaluations", tmp_path).num_rows == 1  # the unpruned shard ran
+    assert store.read_table("recipes", tmp_path).num_rows == 1  # written when fitted, before the failure
+    assert catalog.query("SELECT * FROM evaluation_summary", root=tmp_path).num_rows == 0
+    assert catalog.pareto(tmp_path).num_rows == 0
+    partial = catalog.query("SELECT status, n_samples FROM run_evaluations", root=tmp_path).to_pylist()
+    assert partial == [{"status": "failed", "n_samples": 4}]  # partial work, visible with its status
+
+
+def test_an_interrupted_run_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from storage import catalog
+
+    def interrupt(*args, **kw):
+        raise KeyboardInterrupt
+
+    namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
+    namespace.fit_budgets = interrupt
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=4, batch_size=4,
+                         root=str(tmp_path), source="toy")
+    with pytest.raises(KeyboardInterrupt):
+        compose(config, {"kind": "toy", "seed": 0}, namespace)
+    (run,) = catalog.query("SELECT status, error FROM runs_latest", root=tmp_path).to_pylist()
+    assert run == {"status": "interrupted", "error": "KeyboardInterrupt: "}
 
 
 def test_parameters_are_validated_with_clear_messages(tmp_path):
@@ -59,8 +110,11 @@ def test_parameters_are_validated_with_clear_messages(tmp_path):
 def test_tasks_wrap_the_plain_steps():
     from tasks import sweep as sweep_tasks
 
-    assert sweep_tasks.collect_statistics.fn is steps.collect_statistics
-    assert "gpu" in sweep_tasks.collect_statistics.tags and "gpu" in sweep_tasks.evaluate_recipe.tags
+    for name in steps.__all__:  # every step is there, as a task wrapping the plain function or as itself
+        wrapped = getattr(sweep_tasks, name)
+        assert getattr(wrapped, "fn", wrapped) is getattr(steps, name), name
+    for name in ("model_info", "collect_stats_shard", "fit_budgets", "evaluate_shard"):  # they run the model
+        assert "gpu" in getattr(sweep_tasks, name).tags, name
     assert sweep_tasks.fit_budgets.name == "fit-budget-grid"
 
 

@@ -20,7 +20,7 @@ from fitprune.fit import fit
 from fitprune.flops import ModelDims
 from fitprune.search import Candidate, SearchConfig, SearchResult, _decide, project, search, split_batches
 from fitprune.stats import collect_stats
-from flows.toy import toy_batches, toy_model
+from fitprune.demo.toy import toy_batches, toy_model
 from reference import measured_reduction
 
 L, N_VISUAL = 8, 144

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flows.cli import main
-from flows.toy import toy_batches
+from fitprune.demo.toy import toy_batches
 from storage import store
 
 datasets = pytest.importorskip("datasets", reason="the 'hf:' source needs the `datasets` package")

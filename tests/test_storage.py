@@ -82,6 +82,13 @@ def one_row_per_table() -> dict[str, dict]:
     }
 
 
+def completed(root: Path, *run_ids: str, ended_at: datetime = T0) -> None:
+    """The runs rows of completed runs: only their evaluations count in evaluation_summary and pareto."""
+    for run_id in run_ids:
+        storage.write_rows("runs", [dict(one_row_per_table()["runs"], run_id=run_id, ended_at=ended_at)], root=root,
+                           write_id=f"{run_id}-end")
+
+
 def populate(root: Path) -> None:
     for name, row in one_row_per_table().items():
         storage.write_rows(name, [row], root=root, write_id=f"populate-{name}")
@@ -268,6 +275,7 @@ def _python(code: str, *args: str, **kw) -> subprocess.Popen:
 
 def test_interrupted_write_leaves_readers_unaffected(root):
     storage.write_rows("evaluations", [eval_row()], root=root, write_id="before")
+    completed(root, "run1")
     proc = _python(_KILLED_WRITER, str(root))
     assert proc.wait(timeout=60) == -signal.SIGKILL
     directory = root / "tables/evaluations"
@@ -390,18 +398,89 @@ def test_old_files_without_a_new_column_read_as_null(root):
 def test_evaluation_summary_combines_shards(root):
     rows = [
         eval_row(shard="0-100", n_samples=100, metric=0.5, flops_reduction=0.40),
-        eval_row(shard="100-400", n_samples=300, metric=0.9, flops_reduction=0.60),
+        eval_row(shard="100-400", n_samples=300, n_failed=100, metric=0.9, flops_reduction=0.60),
         eval_row(recipe_id="none", method="none", metric=0.8, flops_reduction=0.0),
     ]
     storage.write_rows("evaluations", rows, root=root, write_id="w1")
     # the same shard again under another write id (a retried task with a new id): counted once
     storage.write_rows("evaluations", [rows[0]], root=root, write_id="w2")
     storage.write_rows("recipes", [one_row_per_table()["recipes"]], root=root, write_id="rec")
+    completed(root, "run1")
     got = {r["recipe_id"]: r for r in storage.query("SELECT * FROM evaluation_summary", root=root).to_pylist()}
-    assert got["r1"]["metric"] == pytest.approx((100 * 0.5 + 300 * 0.9) / 400)
-    assert got["r1"]["flops_reduction"] == pytest.approx(0.5)
-    assert (got["r1"]["n_samples"], got["r1"]["n_shards"], got["r1"]["budget"]) == (400, 2, 0.6)
+    # weighted by scored samples: 100 of the first shard, 200 of the second
+    assert got["r1"]["metric"] == pytest.approx((100 * 0.5 + 200 * 0.9) / 300)
+    assert got["r1"]["flops_reduction"] == pytest.approx((100 * 0.4 + 200 * 0.6) / 300)
+    assert (got["r1"]["n_samples"], got["r1"]["n_scored"], got["r1"]["n_shards"], got["r1"]["budget"]) == (
+        400, 300, 2, 0.6)
     assert got["none"]["budget"] is None and got["none"]["method"] == "none"
+
+
+def _prediction(i: int, score, **kw) -> dict:
+    return dict(dict(one_row_per_table()["predictions"], sample_id=f"q{i}", prediction=None if score is None else "x",
+                     error="missing image" if score is None else None, score=score), **kw)
+
+
+def test_summary_stderr_and_flops_come_from_the_samples(root):
+    """The standard error is the per-sample scores' (ddof 1, over scored samples; VQA scores are not 0/1),
+    and the FLOPs reduction is total executed over total unpruned FLOPs across shards."""
+    scores = [[1.0, 0.3, 0.6, None], [0.0, 1.0, 0.9, 0.3, 0.6, 1.0]]
+    for k, shard in enumerate(scores):
+        preds = [_prediction(10 * k + i, v, shard=str(k), benchmark="textvqa", eval_set="e1")
+                 for i, v in enumerate(shard)]
+        storage.write_rows("predictions", preds, root=root, write_id=f"p{k}")
+        ran = [v for v in shard if v is not None]
+        storage.write_rows("evaluations", [eval_row(
+            benchmark="textvqa", eval_set="e1", metric_name="vqa_accuracy", shard=str(k), n_samples=len(shard),
+            n_failed=len(shard) - len(ran), metric=sum(ran) / len(ran), prefill_flops=[2.0, 6.0][k],
+            prefill_flops_full=[10.0, 10.0][k], flops_reduction=[0.8, 0.4][k])], root=root, write_id=f"e{k}")
+    completed(root, "run1")
+    (row,) = storage.query("SELECT * FROM evaluation_summary", root=root).to_pylist()
+    values = np.array([v for shard in scores for v in shard if v is not None])
+    assert row["n_scored"] == 9 and row["n_failed"] == 1
+    assert row["metric"] == pytest.approx(values.mean())
+    assert row["stderr"] == pytest.approx(values.std(ddof=1) / np.sqrt(len(values)))
+    assert row["flops_reduction"] == pytest.approx(1 - (3 * 2.0 + 6 * 6.0) / (3 * 10.0 + 6 * 10.0))
+
+
+def test_only_the_latest_completed_run_counts_and_runs_are_never_pooled(root):
+    """Issue 16, defect 2: a killed run (start row only), a failed run and two completed runs on the same
+    questions. The summary is the latest completed run's rows alone; the others show in run_evaluations."""
+    later = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    for run_id, metric in (("killed", 0.1), ("failed", 0.2), ("old", 0.3), ("new", 0.4)):
+        storage.write_rows("evaluations", [eval_row(run_id=run_id, metric=metric, eval_set="e1")], root=root,
+                           write_id=run_id)
+    run = one_row_per_table()["runs"]
+    storage.write_rows("runs", [dict(run, run_id="killed", status="running", ended_at=None)], root=root,
+                       write_id="killed-start")
+    storage.write_rows("runs", [dict(run, run_id="failed", status="failed", ended_at=later, error="boom")],
+                       root=root, write_id="failed-end")
+    completed(root, "old", ended_at=T0)
+    completed(root, "new", ended_at=later)
+    (row,) = storage.query("SELECT * FROM evaluation_summary", root=root).to_pylist()
+    assert (row["run_id"], row["metric"], row["n_samples"], row["n_runs"]) == ("new", 0.4, 100, 2)
+    assert [r["run_id"] for r in storage.pareto(root).to_pylist()] == ["new"]
+    every = storage.query("SELECT run_id, status FROM run_evaluations ORDER BY run_id", root=root).to_pylist()
+    assert every == [{"run_id": "failed", "status": "failed"}, {"run_id": "killed", "status": "running"},
+                     {"run_id": "new", "status": "completed"}, {"run_id": "old", "status": "completed"}]
+    # another sample set of the same benchmark is another row, and another front
+    storage.write_rows("evaluations", [eval_row(run_id="new", metric=0.9, eval_set="e2", n_samples=50)], root=root,
+                       write_id="new-e2")
+    summary = storage.query("SELECT eval_set, metric FROM evaluation_summary ORDER BY eval_set", root=root).to_pylist()
+    assert summary == [{"eval_set": "e1", "metric": 0.4}, {"eval_set": "e2", "metric": 0.9}]
+    assert sorted(r["eval_set"] for r in storage.pareto(root).to_pylist()) == ["e1", "e2"]
+
+
+def test_front_treats_reductions_equal_to_three_decimals_as_ties(root):
+    """Issue 16, defect 4: a worse recipe fitted to the same budget does not join the front by a hair of FLOPs."""
+    rows = [eval_row(recipe_id="none", method="none", flops_reduction=0.0, metric=0.9),
+            eval_row(recipe_id="better", flops_reduction=0.69879, metric=0.6),
+            eval_row(recipe_id="worse", flops_reduction=0.69883, metric=0.5),
+            eval_row(recipe_id="twin", flops_reduction=0.69881, metric=0.6),  # an exact tie stays
+            eval_row(recipe_id="further", flops_reduction=0.7012, metric=0.4)]  # 0.701 is another level
+    storage.write_rows("evaluations", rows, root=root, write_id="w")
+    completed(root, "run1")
+    front = [r["recipe_id"] for r in storage.pareto(root).to_pylist()]
+    assert front == ["none", "better", "twin", "further"]
 
 
 def test_recipes_latest_and_runs_latest(root):
@@ -421,8 +500,9 @@ def test_recipes_latest_and_runs_latest(root):
 
 
 def brute_force_front(points: list[tuple]) -> set:
-    """The definition, quadratic: (key, f, m) not dominated (>= on both, > on one) by another point."""
-    finite = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
+    """The definition, quadratic: (key, f, m) not dominated (>= on both, > on one) by another point;
+    reductions equal to three decimals are equal."""
+    finite = [(k, round(f, 3), m) for k, f, m in points if math.isfinite(f) and math.isfinite(m)]
     return {
         k
         for k, f, m in finite
@@ -459,6 +539,7 @@ def random_evaluations(seed: int, per_group: int = 60) -> list[dict]:
 def test_pareto_matches_brute_force(root, seed):
     rows = random_evaluations(seed)
     storage.write_rows("evaluations", rows, root=root, write_id=f"seed{seed}")
+    completed(root, "run1")
     summary = storage.query("SELECT * FROM evaluation_summary", root=root).to_pylist()
     groups: dict[tuple, list] = {}
     for r in summary:
@@ -497,6 +578,7 @@ def test_pareto_timing_200k(root):
         "versions": pa.array(["{}"] * n),
     })
     storage.write_rows("evaluations", data, root=root, write_id="big")
+    completed(root, "run1")
     storage.build_catalog(root)
     con = storage.connect(root)
     try:
