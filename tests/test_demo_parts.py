@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 import shutil
 import time
 
@@ -214,3 +215,22 @@ def test_failed_samples_are_recorded_and_the_run_goes_on(demo_spec, tmp_path):
     preds = store.read_table("predictions", tmp_path / "data").to_pylist()
     errors = sorted({(p["sample_id"].split("/")[1], (p["error"] or "").split(":")[0]) for p in preds})
     assert errors == [("0", ""), ("1", "missing image"), ("2", "corrupt image")]
+
+
+def test_the_demo_model_is_cached_under_the_data_root(tmp_path):
+    """Issue 16, defect 7: a sweep step given a data root builds the demo model into ``<root>/models``, and
+    nothing lands in ``~/.cache/fitprune`` (HOME points at an empty folder; $FITPRUNE_DATA is unset)."""
+    import subprocess
+    import sys
+
+    home, root = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    code = ("import sys; from tasks import models; "
+            "print(models.model_info({'kind': 'demo'}, root=sys.argv[1])['checkpoint'])")
+    env = {k: v for k, v in os.environ.items() if k != "FITPRUNE_DATA"}
+    env.update(HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code, str(root)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith("fp-")
+    assert any((root / "models").glob(f"{CHECKPOINT_NAME}*/*.safetensors"))
+    assert not any(home.rglob("*.safetensors")), sorted(home.rglob("*"))

@@ -26,6 +26,7 @@ def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
         assert r["divergence"] is not None and r["divergence"] >= 0 and r["divergence_calib_id"] in calib_ids
         assert r["budget"] - 1e-9 <= r["measured_reduction"] <= r["budget"] + 0.01
         assert abs(r["predicted_reduction"] - r["measured_reduction"]) < 1e-6  # the fit's prediction, not the budget
+        assert r["feasible"] is True
     for budget in (0.4, 0.7):  # the search's seeds include FastV and the authors' fit: it is never worse on them
         kl = {r["method"]: r["divergence"] for r in recipes if r["budget"] == budget}
         assert kl["fitprune"] <= min(kl["fastv"], kl["fitprune-paper"])
@@ -39,6 +40,38 @@ def test_sweep_writes_results_and_reuses_statistics(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert "reusing" in err
     assert store.read_table("stats_layer", tmp_path).num_rows == 8 * 8  # not written twice
+
+
+def test_an_infeasible_fit_is_recorded_as_infeasible(tmp_path):
+    """Issue 16, defect 3: the recipes row says what the fit said. The toy model's prefill cannot lose 90 %
+    (dropping every visual token after layer 0 removes about 84 %): feasible is false, and the predicted
+    reduction is the fit's, below the budget. The row is written before any evaluation."""
+    from flows.sweep import SweepConfig, compose
+    from tasks import steps
+
+    rows_seen = []
+
+    def record_then_evaluate(**kw):
+        rows_seen.append(store.read_table("recipes", tmp_path).num_rows)
+        return steps.evaluate_shard(**kw)
+
+    from types import SimpleNamespace
+
+    namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
+    namespace.evaluate_shard = record_then_evaluate
+    config = SweepConfig(budgets=(0.5, 0.9), methods=("fitprune", "fitprune-paper"), n_calib=4, n_eval=4,
+                         batch_size=4, root=str(tmp_path), source="toy")
+    with pytest.warns(UserWarning, match="no candidate meets it"):
+        compose(config, {"kind": "toy", "seed": 0}, namespace)
+    assert rows_seen and all(n == 4 for n in rows_seen)  # every recipe stored before the first evaluation
+    recipes = {(r["method"], r["budget"]): r for r in store.read_table("recipes", tmp_path).to_pylist()}
+    for method in ("fitprune", "fitprune-paper"):
+        assert recipes[method, 0.5]["feasible"] is True
+        hard = recipes[method, 0.9]
+        assert hard["feasible"] is False and hard["predicted_reduction"] < 0.9, hard
+    summary = catalog.query("SELECT method, budget, feasible FROM evaluation_summary WHERE budget = 0.9",
+                            root=tmp_path).to_pylist()
+    assert sorted((r["method"], r["feasible"]) for r in summary) == [("fitprune", False), ("fitprune-paper", False)]
 
 
 def test_bad_arguments_exit_nonzero(tmp_path, capsys):
