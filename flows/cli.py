@@ -89,10 +89,13 @@ def _cmd_pareto(args) -> int:
 def _cmd_sql(args) -> int:
     import duckdb
 
-    from storage.catalog import format_table, query, view_names
+    from storage.catalog import ReadOnlyQueryError, format_table, query, view_names
 
     try:
         table = query(args.query, root=args.data_root)
+    except ReadOnlyQueryError as err:  # not one SELECT: nothing ran
+        print(f"fitprune sql: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except duckdb.Error as err:
         print(f"fitprune sql: {err}\nviews: {', '.join(view_names())}", file=sys.stderr)
         return EXIT_FAILED

@@ -10,6 +10,10 @@
 ``build_catalog`` writes a temp file and renames it over the catalog, so a reader opens either
 the old or the new catalog, never a half-built one. ``connect`` rebuilds a missing or stale
 catalog first. Query parameters are bound (``$name``), never formatted into SQL.
+
+User SQL (``query``, ``pareto``, ``fitprune sql``) is read-only: exactly one SELECT (checked by
+DuckDB's parser), run on a ``connect_locked`` connection that can touch no file outside
+``<root>/tables/``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from .root import catalog_path, data_root, table_dir
 from .store import clean_stale_tmp, ensure_empty
 from .tables import TABLES, Table
 
-__all__ = ["SQL_DIR", "view_names", "build_catalog", "connect", "query", "pareto", "format_table"]
+__all__ = [
+    "SQL_DIR", "view_names", "build_catalog", "connect", "connect_locked", "ReadOnlyQueryError", "query", "pareto",
+    "format_table",
+]
 
 SQL_DIR = Path(__file__).with_name("sql")
 _TEMPLATE = "_table.sql"
@@ -166,6 +173,9 @@ def connect(root=None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
 
     Read-only by default, which many processes may hold at once. ``read_only=False`` locks the
     file for this process alone; anything you create in it is lost at the next rebuild.
+    For internal code only: the file is read-only, but the connection can still read and write
+    files anywhere (COPY, read_csv, ATTACH, ...). SQL from a user goes through ``query`` (or a
+    ``connect_locked`` connection).
     """
     root = data_root(root)
     path = catalog_path(root)
@@ -176,17 +186,105 @@ def connect(root=None, read_only: bool = True) -> duckdb.DuckDBPyConnection:
     return con
 
 
+class ReadOnlyQueryError(ValueError):
+    """SQL that ``query`` refuses: not exactly one read (SELECT) statement."""
+
+
+# Read statements. DESCRIBE, SHOW, SUMMARIZE, FROM-first, VALUES, WITH, UNPIVOT and a PIVOT
+# that lists its values (ON col IN (...)) parse as SELECT; a PIVOT without them is MULTI (it runs
+# a query first to find the values) and EXPLAIN [ANALYZE] is EXPLAIN: both are refused.
+_READ_TYPES = frozenset({duckdb.StatementType.SELECT})
+_NEXT_STEP = (
+    "to export, run the SELECT with `fitprune sql` and redirect its output, or use storage.query / "
+    "storage.read_table in Python and write the result yourself"
+)
+_HINTS = {
+    "MULTI": "list the pivot values (PIVOT ... ON col IN (...)) or write it as a SELECT with GROUP BY",
+    "SET": "settings (SET, RESET, USE) are fixed for user queries",
+    "EXPLAIN": "EXPLAIN is not supported here; use storage.connect in Python to see a plan",
+}
+
+
+def _lockdown_sql(root: Path) -> list[str]:
+    """The settings that confine a connection to the files under ``<root>/tables/``, for good.
+
+    DuckDB allows reading *and writing* in ``allowed_directories``: these settings stop a COPY
+    outside the tables, not one over a part; the one-SELECT check of ``query`` stops that.
+    Order matters in DuckDB 2.0.1: ``allowed_directories`` can only be set after the database has
+    started (not in ``duckdb.connect(config=...)``) and before ``enable_external_access = false``;
+    ``lock_configuration`` last, so the query cannot SET/RESET any of them back. ``temp_directory``
+    is the catalog's own (as for a file connection), else an in-memory database spills to ./.tmp,
+    which DuckDB would then also allow reading.
+    """
+    return [
+        f"SET temp_directory = {_literal(str(catalog_path(root)) + '.tmp')}",
+        f"SET allowed_directories = [{_literal(str(root / 'tables'))}]",
+        "SET enable_external_access = false",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET lock_configuration = true",
+    ]
+
+
+def connect_locked(root=None) -> duckdb.DuckDBPyConnection:
+    """A connection to the catalog for user SQL: it reads the views and ``<root>/tables/``, nothing else.
+
+    The catalog (rebuilt first if missing or stale, as by ``connect``) is attached READ_ONLY, as
+    database ``fitprune`` (the default), to a private in-memory DuckDB, which is then locked down
+    (see ``_lockdown_sql``): no file outside ``<root>/tables/`` can be read (read_csv, read_text,
+    glob, 'file.csv' scans, ATTACH) or written (COPY, EXPORT), no extension installed or loaded,
+    and no setting changed. DuckDB itself still reads the attached catalog file and may spill to
+    ``<root>/catalog.duckdb.tmp/``. A private instance, because DuckDB shares one instance (and
+    its settings) between the connections a process opens to the same file: locking that one
+    would lock every other ``connect`` of this process too. It still runs any statement you give
+    it, including a COPY into ``<root>/tables/`` (a CREATE lands in the in-memory database and is
+    lost): ``query`` checks the statement first; do the same if you hand it SQL yourself.
+    """
+    root = data_root(root)
+    connect(root).close()  # build a missing or stale catalog
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH {_literal(str(catalog_path(root)))} AS fitprune (READ_ONLY)")
+        con.execute("USE fitprune")
+        for statement in _lockdown_sql(root):
+            con.execute(statement)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    statements = con.extract_statements(sql)  # DuckDB's parser; a syntax error raises duckdb.ParserException
+    allowed = "only one read statement is allowed (SELECT, WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE)"
+    if not statements:
+        raise ReadOnlyQueryError(f"got 0 statements (empty SQL or only comments); {allowed}")
+    if len(statements) > 1:
+        kinds = ", ".join(st.type.name for st in statements)
+        raise ReadOnlyQueryError(
+            f"got {len(statements)} statements ({kinds}); {allowed}: send one statement per call, without a second ';'"
+        )
+    kind = statements[0].type
+    if kind not in _READ_TYPES:
+        hint = _HINTS.get(kind.name, "user SQL changes nothing: no file, setting, extension or catalog entry")
+        raise ReadOnlyQueryError(f"got a statement of type {kind.name}; {allowed}; {hint}; {_NEXT_STEP}")
+
+
 def query(sql: str, params: Mapping[str, Any] | list | None = None, root=None) -> pa.Table:
     """Run one read query on the catalog's views and return an Arrow table.
 
     Bind values as parameters: ``query("SELECT * FROM evaluations WHERE benchmark = $b", {"b": "pope"})``.
+    ``sql`` must be exactly one statement that DuckDB's parser types SELECT (also WITH, FROM-first,
+    VALUES, DESCRIBE, SHOW, SUMMARIZE); anything else (a second statement, COPY, EXPORT, ATTACH,
+    SET/RESET/PRAGMA, INSTALL/LOAD, CREATE/INSERT/DROP, EXPLAIN, ...) raises ``ReadOnlyQueryError``
+    and runs nothing. The SELECT runs on a ``connect_locked`` connection: a file outside
+    ``<root>/tables/`` (``read_csv('/etc/passwd')``, ``glob``, ``FROM 'x.csv'``) raises
+    ``duckdb.PermissionException``.
     """
-    con = connect(root)
+    con = connect_locked(root)
     try:
-        result = con.sql(sql, params=params)
-        if result is None:
-            raise ValueError(f"query() runs one SELECT and returns its rows; this returned none: {sql[:80]!r}")
-        return result.to_arrow_table()
+        _check_read_only(con, sql)
+        return con.sql(sql, params=params).to_arrow_table()
     finally:
         con.close()
 
