@@ -5,12 +5,13 @@ Writes are append-only and idempotent (``write_rows``); reads go through pyarrow
 (``read_table``) or SQL over the catalog (``query``, ``pareto``). See DESIGN.md §4.
 """
 
-from .catalog import build_catalog, connect, format_table, pareto, query, view_names
+from .catalog import ReadOnlyQueryError, build_catalog, connect, format_table, pareto, query, view_names
 from .root import data_root
 from .store import read_table, validate, write_rows
 from .tables import TABLES, get_table, schema_markdown
 
 __all__ = [
+    "ReadOnlyQueryError",
     "TABLES",
     "build_catalog",
     "connect",

@@ -8,6 +8,7 @@ effect too: no file under the data root changed, no file outside it was created 
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -35,6 +36,9 @@ def root(tmp_path) -> Path:
     root = tmp_path / "data"
     rows = [eval_row("r1", 0.3, 0.9), eval_row("r2", 0.6, 0.8), eval_row("r3", 0.2, 0.5)]  # r3 is dominated by r1
     storage.write_rows("evaluations", rows, root=root, write_id="w1")
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)  # a completed run: only those count in the summary views
+    storage.write_rows("runs", [dict(run_id="run1", flow="sweep", parameters={}, status="completed", started_at=t0,
+                                     ended_at=t0, versions="{}")], root=root, write_id="run1-end")
     storage.build_catalog(root)
     # files a query must not read: outside the root, in the root but not under tables/, in a
     # sibling of tables/ whose name starts with "tables"
