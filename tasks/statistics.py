@@ -42,10 +42,17 @@ def _key(checkpoint: str, calib_id: str) -> dict:
 
 
 def _parts_by_sample(checkpoint: str, calib_id: str, root) -> dict[str, str]:
-    """sample -> the token part (file name) it is read from: the first part, by name, holding it."""
+    """sample -> the part (file name) it is read from: the first published token part, by name, holding it.
+
+    Which samples a write holds is read from its ``stats_layer`` part (same name, written first,
+    the same samples; L rows per sample instead of L x V)."""
+    key = _key(checkpoint, calib_id)
+    done = {p.name for p in store.list_parts("stats_token", root, key)}
     owner: dict[str, str] = {}
-    for part in store.list_parts("stats_token", root, _key(checkpoint, calib_id)):
-        held = store.read_table("stats_token", root, columns=["sample"], parts=[part]).column("sample")
+    for part in store.list_parts("stats_layer", root, key):
+        if part.name not in done:  # a write killed between its two parts: not collected
+            continue
+        held = store.read_table("stats_layer", root, columns=["sample"], parts=[part]).column("sample")
         for sample in pc.unique(held).to_pylist():
             owner.setdefault(sample, part.name)
     return owner

@@ -14,6 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -139,6 +141,13 @@ def test_duplicated_statistics_from_an_older_version_are_read_once_and_reported(
     assert [(c["n_samples"], c["n_missing"], c["complete"], c["n_duplicate_rows"]) for c in coverage] == [
         (4, 0, True, 4 * LAYERS * VISUAL)]
     compose(config, {"kind": "toy", "seed": 0})  # and a sweep on it runs
+    # a writer killed between its two parts leaves a stats_layer part alone: it is not read, even first by name
+    layers = store.read_table("stats_layer", tmp_path)
+    forged = layers.set_column(layers.schema.get_field_index("cross_mass"), "cross_mass",
+                               pa.compute.multiply(layers.column("cross_mass"), 100.0))
+    store.write_rows("stats_layer", forged, root=tmp_path, write_id="aaa-killed-before-its-token-part", partition=key)
+    assert read_stats(key["checkpoint"], key["calib_id"], tmp_path).sample_ids == stats.sample_ids
+    assert np.array_equal(read_stats(key["checkpoint"], key["calib_id"], tmp_path).cross_mass, stats.cross_mass)
 
 
 def _wait_for(proc, log: Path, ready, what: str) -> None:
