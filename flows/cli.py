@@ -3,14 +3,19 @@
     fitprune [--data-root DIR] sweep [--budgets 0.5,0.7] [--methods fitprune,fitprune-paper,fastv,random] [--device cuda] ...
     fitprune pareto [--checkpoint FP] [--benchmark NAME]
     fitprune sql "SELECT ..."
+    fitprune import-benchmarks FILE.json ...
     fitprune presets
+
+``--data-root`` goes before the subcommand or after it (the latter wins).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+from pathlib import Path
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -57,6 +62,56 @@ def _model_spec(args, config) -> dict:
     return {**spec, "device": args.device}
 
 
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+# files of which a checkpoint needs at least one to read questions (processor or tokenizer)
+_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _check_device(device: str) -> None:
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (no GPU, or torch {torch.__version__} "
+                             "built without CUDA); use --device cpu")
+        n = torch.cuda.device_count()
+        if int(device.partition(":")[2] or 0) >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+
+
+def _check_sweep(config, spec: dict) -> None:
+    """What a sweep can be refused for, checked before any model loads or anything is written:
+    the device, that the model can read the sources, the checkpoint's weight files, the data root."""
+    from storage.root import check_root
+    from tasks import sources
+    from tasks.models import check_weight_files, normalize_spec
+
+    _check_device(spec["device"])
+    spec = normalize_spec(spec)  # a path model must be a checkpoint directory
+    used = [("--source", config.source), *(("--benchmarks", b) for b in config.benchmarks)]
+    questions = [(flag, s) for flag, s in used if sources.is_question_source(s)]
+    if questions and spec["kind"] == "toy":
+        flag, source = questions[0]
+        raise ValueError(f"{flag} {source} holds questions and images, which the toy model cannot read (it has "
+                         "no processor); use --source toy with the toy model, or --model demo or a checkpoint "
+                         "directory saved with its processor")
+    if questions and spec["kind"] == "path" and not any((Path(spec["path"]) / f).is_file() for f in _PROCESSOR_FILES):
+        flag, source = questions[0]
+        raise ValueError(f"{flag} {source} holds questions and images, but {spec['path']} has no processor or "
+                         f"tokenizer files ({', '.join(_PROCESSOR_FILES)}); save the processor with the checkpoint, "
+                         "or use an input source (toy, hf:/path)")
+    toy = [(flag, s) for flag, s in used if sources.parse(s).kind == "toy"]
+    if toy and spec["kind"] == "demo":
+        raise ValueError(f"{toy[0][0]} toy holds random inputs made for the toy model (its token ids and 48-pixel "
+                         "images), which the demo model cannot read; use --model toy (or a saved toy checkpoint), "
+                         "or a question source such as easy-vqa:train")
+    if spec["kind"] == "path":
+        check_weight_files(spec["path"])
+    check_root(config.root)  # last: it creates the root if missing
+
+
 def _cmd_sweep(args) -> int:
     import time
 
@@ -66,7 +121,9 @@ def _cmd_sweep(args) -> int:
 
     start = time.perf_counter()
     config = _sweep_config(args)
-    result = run_sweep(config, _model_spec(args, config), progress=True)  # progress on stderr; results on stdout
+    spec = _model_spec(args, config)
+    _check_sweep(config, spec)
+    result = run_sweep(config, spec, progress=True)  # progress on stderr; results on stdout
     print(f"run {result['run_id']} — checkpoint {result['checkpoint']}")
     print(f"calibration: {config.n_calib} samples of {config.source}; evaluation: {config.n_eval} samples each of "
           f"{', '.join(config.benchmarks)}; budgets {', '.join(f'{b:g}' for b in config.budgets)}")
@@ -81,8 +138,10 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_pareto(args) -> int:
     from storage.catalog import format_table, pareto
+    from storage.root import check_root
 
-    print(format_table(pareto(args.data_root, checkpoint=args.checkpoint, benchmark=args.benchmark)))
+    root = check_root(args.data_root, create=False, writable=False)  # never create a root to read it
+    print(format_table(pareto(root, checkpoint=args.checkpoint, benchmark=args.benchmark)))
     return 0
 
 
@@ -90,7 +149,9 @@ def _cmd_sql(args) -> int:
     import duckdb
 
     from storage.catalog import ReadOnlyQueryError, format_table, query, view_names
+    from storage.root import check_root
 
+    check_root(args.data_root, create=False, writable=False)  # never create a root to read it
     try:
         table = query(args.query, root=args.data_root)
     except ReadOnlyQueryError as err:  # not one SELECT: nothing ran
@@ -118,10 +179,14 @@ def _cmd_presets(args) -> int:
 
 
 def _cmd_import_benchmarks(args) -> int:
-    from storage.benchmarks import import_benchmarks
+    from storage.benchmarks import import_benchmark_files
+    from storage.root import check_root
 
-    for path in args.files:
-        run_id, n = import_benchmarks(path, root=args.data_root)
+    check_root(args.data_root)
+    imported, skipped = import_benchmark_files(args.files, root=args.data_root)  # skips non-result files
+    for _, why in skipped:
+        print(f"fitprune import-benchmarks: warning: {why}; skipped", file=sys.stderr)
+    for path, run_id, n in imported:
         print(f"{path}: {n} rows as {run_id}")
     return 0
 
@@ -132,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data root (default: $FITPRUNE_DATA, else ~/.cache/fitprune)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sweep = sub.add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
+    def add_parser(name, **kw):  # --data-root after the subcommand too; given there, it wins
+        command = sub.add_parser(name, **kw)
+        command.add_argument("--data-root", default=argparse.SUPPRESS,
+                             help="data root (default: $FITPRUNE_DATA, else ~/.cache/fitprune)")
+        return command
+
+    sweep = add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
     sweep.add_argument("--budgets", type=_floats, default=None, help="FLOPs fractions to remove (default 0.5,0.7)")
     sweep.add_argument("--methods", type=_names, default=None,
                        help="of fitprune,fitprune-paper,fastv,pyramid,random; default fitprune,fitprune-paper,fastv,random")
@@ -161,17 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 6)")
     sweep.set_defaults(func=_cmd_sweep)
 
-    pareto = sub.add_parser("pareto", help="print the Pareto-best recipes per checkpoint and benchmark")
+    pareto = add_parser("pareto", help="print the Pareto-best recipes per checkpoint and benchmark")
     pareto.add_argument("--checkpoint")
     pareto.add_argument("--benchmark")
     pareto.set_defaults(func=_cmd_pareto)
 
-    sql = sub.add_parser("sql", help="run a SQL query against the DuckDB catalog and print the result")
+    sql = add_parser("sql", help="run a SQL query against the DuckDB catalog and print the result")
     sql.add_argument("query")
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(func=_cmd_sql)
 
-    bench = sub.add_parser("import-benchmarks", help="load scripts/bench_gpu.py result files into the benchmarks table")
+    bench = add_parser("import-benchmarks", help="load scripts/bench_gpu.py result files into the benchmarks table "
+                       "(other files are skipped with a warning)")
     bench.add_argument("files", nargs="+")
     bench.set_defaults(func=_cmd_import_benchmarks)
 
@@ -191,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `fitprune sql ... | head`: the reader left; stay quiet like other tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"fitprune {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILED
 

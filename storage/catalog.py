@@ -14,6 +14,11 @@ catalog first. Query parameters are bound (``$name``), never formatted into SQL.
 User SQL (``query``, ``pareto``, ``fitprune sql``) is read-only: exactly one SELECT (checked by
 DuckDB's parser), run on a ``connect_locked`` connection that can touch no file outside
 ``<root>/tables/``.
+
+The build reads no data file: every view is first bound and run over the typed zero-row files
+alone (a broken view fails the build), then stored unbound (``DEFER_BINDING``) over the real
+globs. So a corrupt part breaks the queries that read its table, with a ``CorruptPartError``
+naming it, and nothing else.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from typing import Any, Mapping
 import duckdb
 import pyarrow as pa
 
-from .root import catalog_path, data_root, table_dir
-from .store import clean_stale_tmp, ensure_empty
+from .root import GLOB_CHARS, catalog_path, data_root, table_dir
+from .store import clean_stale_tmp, ensure_empty, find_corrupt_part
 from .tables import TABLES, Table
 
 __all__ = [
@@ -40,7 +45,7 @@ __all__ = [
 
 SQL_DIR = Path(__file__).with_name("sql")
 _TEMPLATE = "_table.sql"
-_GLOB_CHARS = set("*?[]{}")
+_GLOB_CHARS = set(GLOB_CHARS)
 
 
 def _literal(text: str) -> str:
@@ -69,7 +74,7 @@ def view_names() -> list[str]:
     return [*TABLES, *_view_files(), "catalog_info"]
 
 
-def _raw_view_sql(spec: Table, root: Path, template: str) -> str:
+def _raw_view_sql(spec: Table, root: Path, template: str, files: str | None = None) -> str:
     base = table_dir(spec.name, root)
     if _GLOB_CHARS & set(str(base)):
         raise ValueError(
@@ -77,7 +82,7 @@ def _raw_view_sql(spec: Table, root: Path, template: str) -> str:
             "as a file pattern; choose a data root without them (argument or $FITPRUNE_DATA)"
         )
     # the parts and the typed _empty.parquet all sit one directory level per partition column down
-    pattern = "/".join([str(base), *(f"{key}=*" for key in spec.partition_by), "*.parquet"])
+    pattern = files or "/".join([str(base), *(f"{key}=*" for key in spec.partition_by), "*.parquet"])
     if spec.partition_by:
         types = ", ".join(f"{_literal(k)}: {_duckdb_type(spec.column(k).type)}" for k in spec.partition_by)
         hive = f"hive_partitioning = true, hive_types = {{{types}}}"
@@ -100,18 +105,22 @@ def _fingerprint(root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+def _create_views(con: duckdb.DuckDBPyConnection, root: Path, check: bool = False) -> None:
+    """Every view in ``con``. ``check``: the raw views read only the typed zero-row files, and every
+    view is bound and run; else they read the real globs and are bound only when queried."""
     template = (SQL_DIR / _TEMPLATE).read_text()
+    defer = "" if check else " WITH (DEFER_BINDING)"
     for spec in TABLES.values():
-        ensure_empty(spec.name, root)
-        con.execute(f"CREATE VIEW {_ident(spec.name)} AS\n{_raw_view_sql(spec, root, template)}")
+        empty = ensure_empty(spec.name, root)
+        body = _raw_view_sql(spec, root, template, str(empty) if check else None)
+        con.execute(f"CREATE VIEW {_ident(spec.name)}{defer} AS\n{body}")
     # Views may read each other: create in rounds until every one binds (or none progresses).
     pending = {name: path.read_text() for name, path in _view_files().items()}
     while pending:
         errors = {}
         for name, body in list(pending.items()):
             try:
-                con.execute(f"CREATE VIEW {_ident(name)} AS\n{body}")
+                con.execute(f"CREATE VIEW {_ident(name)}{defer} AS\n{body}")
             except duckdb.Error as exc:
                 errors[name] = exc
         if len(errors) == len(pending):  # no view built in this round
@@ -124,7 +133,7 @@ def _create_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
         f"TIMESTAMPTZ {_literal(datetime.now(timezone.utc).isoformat())} AS built_at"
     )
     con.execute(f"CREATE VIEW catalog_info AS {info}")
-    for name in view_names():
+    for name in view_names() if check else ():
         con.execute(f"SELECT * FROM {_ident(name)} LIMIT 0").fetchall()
 
 
@@ -137,6 +146,11 @@ def build_catalog(root=None) -> Path:
     final = catalog_path(root)
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(root, time.time(), ".catalog.*")  # from builds killed over an hour ago
+    check = duckdb.connect()  # in memory: every view bound over the zero-row files, no data file read
+    try:
+        _create_views(check, root, check=True)
+    finally:
+        check.close()
     tmp = root / f".catalog.{os.getpid()}-{uuid.uuid4().hex[:8]}.duckdb.tmp"
     try:
         con = duckdb.connect(str(tmp))
@@ -148,7 +162,10 @@ def build_catalog(root=None) -> Path:
         os.replace(tmp, final)
     finally:
         for leftover in (tmp, Path(str(tmp) + ".wal")):
-            leftover.unlink(missing_ok=True)
+            try:
+                leftover.unlink(missing_ok=True)
+            except OSError:  # a read-only root fails the cleanup too: keep the error that led here
+                pass
     return final
 
 
@@ -285,8 +302,21 @@ def query(sql: str, params: Mapping[str, Any] | list | None = None, root=None) -
     try:
         _check_read_only(con, sql)
         return con.sql(sql, params=params).to_arrow_table()
+    except duckdb.Error as exc:
+        _raise_if_corrupt(exc, root)
+        raise
     finally:
         con.close()
+
+
+def _raise_if_corrupt(exc: duckdb.Error, root) -> None:
+    """Raise the ``CorruptPartError`` behind a failed query, if a data file is to blame."""
+    if isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException)) \
+            and ".parquet" not in str(exc):
+        return  # the SQL itself is wrong: no file to look at
+    corrupt = find_corrupt_part(exc, root)
+    if corrupt is not None:
+        raise corrupt from exc
 
 
 _PARETO_SQL = """

@@ -5,6 +5,9 @@ the target directory, then publishes it as ``part-<write_id>.parquet`` with an a
 rename. A ``write_id`` that already exists is a no-op, so a retried task writes no duplicate
 rows; an interrupted one leaves at most a ``.part-*.tmp`` file, which readers never match and
 the next write to that directory deletes once it is an hour old. Files are never rewritten.
+
+A part that cannot be read (truncated, overwritten) raises ``CorruptPartError`` naming it: move
+that one file out of the data root and the rest of the table reads as before.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from .root import check_write_id, partition_dir, table_dir
-from .tables import Table, get_table
+from .root import check_write_id, is_not_writable, not_writable, partition_dir, table_dir
+from .tables import TABLES, Table, get_table
 
-__all__ = ["validate", "write_rows", "read_table", "list_parts", "part_exists", "ensure_empty", "empty_file", "clean_stale_tmp"]
+__all__ = ["validate", "write_rows", "read_table", "list_parts", "part_exists", "ensure_empty", "empty_file",
+           "clean_stale_tmp", "CorruptPartError", "check_part", "find_corrupt_part"]
 
 STALE_TMP_S = 3600.0
 _EMPTY = "_empty.parquet"
@@ -197,6 +201,73 @@ def _partition_of(spec: Table, data: pa.Table, partition: Mapping[str, Any] | No
 # --- files (side effects) --------------------------------------------------------------------
 
 
+class CorruptPartError(RuntimeError):
+    """A Parquet file of the store cannot be read; ``path`` names it."""
+
+    def __init__(self, path: Path, why: str):
+        self.path, self.why = Path(path), why
+        super().__init__(
+            f"{path} is truncated or corrupt ({why}); move it out of the data root: tables are append-only, "
+            "one file per write, so the other files read as before (this file's rows are lost; re-run what "
+            "wrote them)"
+        )
+
+
+def check_part(path: str | os.PathLike) -> str | None:
+    """None if ``path``'s Parquet footer reads, else why not (one line)."""
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as exc:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "0 bytes"
+        text = str(exc).split(": ")[-1].split(". ")[0].strip().rstrip(".")
+        return f"{size} bytes, not readable as Parquet: {text}"
+    return None
+
+
+def find_corrupt_part(error: BaseException | str, root=None,
+                      paths: Sequence[Path] | None = None) -> CorruptPartError | None:
+    """The ``CorruptPartError`` behind a failed read, or None if no file is to blame.
+
+    Files named in ``error``'s message are checked first, then every file of ``paths`` (default:
+    every part and typed empty file under the root). Only footers are read.
+    """
+    if paths is None:
+        paths = [p for name in TABLES for p in [*list_parts(name, root), empty_file(name, root)] if p.exists()]
+    message = str(error)
+    named = [p for p in paths if str(p) in message]
+    for path in [*named, *(p for p in paths if p not in named)]:
+        why = check_part(path) if Path(path).is_file() else None  # a vanished file is not a corrupt one
+        if why is not None:
+            return CorruptPartError(path, why)
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Remove a temp file, never raising: a failed cleanup must not hide the error that led to it."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class _Writing:
+    """Turns a write refused by permissions or a read-only file system into a ``DataRootError``."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and is_not_writable(exc):
+            where = Path(exc.filename).parent if getattr(exc, "filename", None) else self.directory
+            raise not_writable(where, exc) from exc
+        return False
+
+
 def clean_stale_tmp(directory: Path, now: float, pattern: str = ".*.tmp") -> None:
     """Delete hidden temp files in ``directory`` left by writers that died over an hour ago."""
     for tmp in directory.glob(pattern):
@@ -250,11 +321,16 @@ def ensure_empty(table: str, root=None) -> Path:
             return path
     except (FileNotFoundError, pa.ArrowException):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = spec.schema.with_metadata({**spec.schema.metadata, _FINGERPRINT_KEY: want})
     tmp = _tmp_path(path.parent, _EMPTY)
-    pq.write_table(schema.empty_table(), tmp)
-    os.replace(tmp, path)  # zero rows: replacing it changes no reader's results
+    with _Writing(path.parent):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(schema.empty_table(), tmp)
+            os.replace(tmp, path)  # zero rows: replacing it changes no reader's results
+        except BaseException:
+            _discard(tmp)
+            raise
     return path
 
 
@@ -281,16 +357,17 @@ def write_rows(
     final = directory / f"part-{write_id}.parquet"
     if final.exists():
         return final
-    directory.mkdir(parents=True, exist_ok=True)
-    clean_stale_tmp(directory, time.time())
-    ensure_empty(table, root)
-    tmp = _tmp_path(directory, final.name)
-    try:
-        pq.write_table(data, tmp, compression="zstd")
-        _publish(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _Writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(directory, time.time())
+        ensure_empty(table, root)
+        tmp = _tmp_path(directory, final.name)
+        try:
+            pq.write_table(data, tmp, compression="zstd")
+            _publish(tmp, final)
+        except BaseException:
+            _discard(tmp)  # e.g. EROFS from the cleanup itself must not replace the write's error
+            raise
     return final
 
 
@@ -363,6 +440,12 @@ def read_table(table: str, root=None, filters: Mapping[str, Any] | ds.Expression
                                                            metadata=spec.schema.metadata)
     if not paths:
         return schema.empty_table()
-    dataset = ds.dataset([str(p) for p in paths], schema=spec.schema, format="parquet")
-    return dataset.to_table(columns=None if columns is None else list(columns),
-                            filter=expr).replace_schema_metadata(spec.schema.metadata)
+    try:
+        dataset = ds.dataset([str(p) for p in paths], schema=spec.schema, format="parquet")
+        return dataset.to_table(columns=None if columns is None else list(columns),
+                                filter=expr).replace_schema_metadata(spec.schema.metadata)
+    except (pa.ArrowException, OSError) as exc:
+        corrupt = find_corrupt_part(exc, root, paths)
+        if corrupt is None:
+            raise
+        raise corrupt from exc

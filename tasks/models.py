@@ -27,8 +27,8 @@ from fitprune.adapters import get_adapter
 from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
-__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "describe_model", "encoder_for", "load_model", "model_info",
-           "normalize_spec"]
+__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "check_weight_files", "describe_model", "encoder_for", "load_model",
+           "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
 DTYPES = ("float32", "bfloat16")
@@ -85,10 +85,38 @@ def _key(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def check_weight_files(path: str) -> None:
+    """ValueError naming the first ``*.safetensors`` weight file of checkpoint ``path`` that is missing
+    (listed in ``model.safetensors.index.json``), truncated or corrupt. Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(path)
+    files = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            listed = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index} is corrupt ({err}); re-save the checkpoint (save_pretrained) or "
+                             "re-download it") from None
+        absent = [name for name in listed if not (directory / name).is_file()]
+        if absent:
+            raise ValueError(f"{directory / absent[0]} is missing (listed in {index.name}); re-save the checkpoint "
+                             "(save_pretrained) or re-download it")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{file} is truncated or corrupt ({file.stat().st_size} bytes; {err}); re-save the "
+                             "checkpoint (save_pretrained) or re-download it") from None
+
+
 def _load_local(path: str, dtype: torch.dtype):
     """A local checkpoint (image-text-to-text class first, then causal LM) and its processor, if it has one."""
     import transformers
 
+    check_weight_files(path)  # else a truncated file fails deep inside transformers, naming no file
     errors, model = [], None
     for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
         cls = getattr(transformers, name, None)
