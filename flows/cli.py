@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+import signal
 import sys
-from pathlib import Path
+import threading
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -62,59 +62,10 @@ def _model_spec(args, config) -> dict:
     return {**spec, "device": args.device}
 
 
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
-# files of which a checkpoint needs at least one to read questions (processor or tokenizer)
-_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-def _check_device(device: str) -> None:
-    if not _DEVICE.fullmatch(device):
-        raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here (no GPU, or torch {torch.__version__} "
-                             "built without CUDA); use --device cpu")
-        n = torch.cuda.device_count()
-        if int(device.partition(":")[2] or 0) >= n:
-            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
-
-
-def _check_sweep(config, spec: dict) -> None:
-    """What a sweep can be refused for, checked before any model loads or anything is written:
-    the device, that the model can read the sources, the checkpoint's weight files, the data root."""
-    from storage.root import check_root
-    from tasks import sources
-    from tasks.models import check_weight_files, normalize_spec
-
-    _check_device(spec["device"])
-    spec = normalize_spec(spec)  # a path model must be a checkpoint directory
-    used = [("--source", config.source), *(("--benchmarks", b) for b in config.benchmarks)]
-    questions = [(flag, s) for flag, s in used if sources.is_question_source(s)]
-    if questions and spec["kind"] == "toy":
-        flag, source = questions[0]
-        raise ValueError(f"{flag} {source} holds questions and images, which the toy model cannot read (it has "
-                         "no processor); use --source toy with the toy model, or --model demo or a checkpoint "
-                         "directory saved with its processor")
-    if questions and spec["kind"] == "path" and not any((Path(spec["path"]) / f).is_file() for f in _PROCESSOR_FILES):
-        flag, source = questions[0]
-        raise ValueError(f"{flag} {source} holds questions and images, but {spec['path']} has no processor or "
-                         f"tokenizer files ({', '.join(_PROCESSOR_FILES)}); save the processor with the checkpoint, "
-                         "or use an input source (toy, hf:/path)")
-    toy = [(flag, s) for flag, s in used if sources.parse(s).kind == "toy"]
-    if toy and spec["kind"] == "demo":
-        raise ValueError(f"{toy[0][0]} toy holds random inputs made for the toy model (its token ids and 48-pixel "
-                         "images), which the demo model cannot read; use --model toy (or a saved toy checkpoint), "
-                         "or a question source such as easy-vqa:train")
-    if spec["kind"] == "path":
-        check_weight_files(spec["path"])
-    check_root(config.root)  # last: it creates the root if missing
-
-
 def _cmd_sweep(args) -> int:
     import time
 
+    from flows.checks import check_sweep
     from flows.sweep import run_sweep
     from storage.root import data_root
     from tasks.report import pareto_text, plot_front, summary_text
@@ -122,7 +73,7 @@ def _cmd_sweep(args) -> int:
     start = time.perf_counter()
     config = _sweep_config(args)
     spec = _model_spec(args, config)
-    _check_sweep(config, spec)
+    check_sweep(config, spec)
     result = run_sweep(config, spec, progress=True)  # progress on stderr; results on stdout
     print(f"run {result['run_id']} — checkpoint {result['checkpoint']}")
     print(f"calibration: {config.n_calib} samples of {config.source}; evaluation: {config.n_eval} samples each of "
@@ -252,11 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler or ``kill`` stopping the run): unwinds like Ctrl-C, so the run's end row
+    says ``interrupted`` instead of leaving it ``running``."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except Terminated as err:
+        print(f"fitprune {args.command}: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -266,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"fitprune {args.command}: {err}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

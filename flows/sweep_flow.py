@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.checks import check_sweep
 from flows.sweep import DEFAULT_METHODS, SweepConfig, compose
 from tasks import steps
 from tasks import sweep as sweep_tasks
@@ -29,6 +30,7 @@ def validate(checkpoint, calib_samples, eval_samples, budgets, methods, batch_si
         spec["device"] = device
     elif isinstance(spec, str):
         spec = {"kind": "path", "path": spec, "device": device}
+    check_sweep(config, spec)  # device, model vs sources, weight files, data root: before any model loads
     return config, steps.normalize_spec(spec)
 
 

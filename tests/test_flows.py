@@ -102,6 +102,9 @@ def test_parameters_are_validated_with_clear_messages(tmp_path):
         (dict(checkpoint={"kind": "demo", "dtype": "int8"}), "dtype 'int8'"),
         (dict(source="easy-vqa:dev"), "easy-vqa has splits"),
         (dict(benchmarks=["nope"]), "not known"),
+        (dict(source="easy-vqa:train"), "which the toy model cannot read"),  # the CLI's checks, before any model
+        (dict(device="gpu"), "--device 'gpu' is not known"),
+        (dict(data_root=str(tmp_path / "a[1]")), "which DuckDB reads as a file pattern"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             validate(**{**args, **change})

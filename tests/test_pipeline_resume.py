@@ -191,6 +191,25 @@ def test_killed_sweep_resumes_without_duplicates(tmp_path):
     assert sorted(status) == ["completed", "running"]
 
 
+def test_a_terminated_sweep_records_that_it_was_interrupted(tmp_path):
+    """SIGTERM (a scheduler stopping the run) during statistics: exit 143, and the run's end row says
+    interrupted with the signal, instead of a start row left running."""
+    root = tmp_path / "data"
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(_sweep_cmd(root, "--calib-samples", "32", "--eval-samples", "4"), cwd=REPO,
+                                env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for(proc, log, lambda: _token_parts(root), "any statistics shard")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()
+        finally:
+            _kill(proc)
+    (run,) = catalog.query("SELECT status, error, ended_at FROM runs_latest", root=root).to_pylist()
+    assert run["status"] == "interrupted" and "SIGTERM" in run["error"] and run["ended_at"] is not None
+    assert "fitprune sweep: stopped by signal SIGTERM" in log.read_text()
+
+
 def _table_rows(stdout: str) -> dict:
     """The CLI's printed results table: (benchmark, method, budget) -> (FLOPs removed, metric, n)."""
     lines = stdout.splitlines()
