@@ -145,7 +145,11 @@ class RecipeSearch:
 
     def baseline(self, name: str, budget: float) -> Recipe:
         """``"fastv"`` (K = 2, its own scoring) or ``"pyramid"`` (PDrop's stages, FastV scoring), matched to
-        ``budget`` on the calibration token counts exactly as the search's seeds are."""
+        ``budget`` on the calibration token counts exactly as the search's seeds are.
+
+        A budget the baseline's shape cannot reach (even dropping every visual token at its first
+        pruning layer falls short) gives that recipe, with ``metadata["feasible"] = False`` and a
+        warning, as the search does for a budget no candidate meets."""
         L = self.dims.num_layers
         shapes = {"fastv": (one_hot(L, {1: 1.0}), "fastv", {"K": 2}),
                   "pyramid": (pyramid(L, keep=0.5).drop_fractions, "fastv", {"stages": pyramid(L).metadata["stages"]})}
@@ -153,12 +157,18 @@ class RecipeSearch:
             raise ValueError(f"unknown baseline {name!r}; known: {', '.join(shapes)}")
         shape, scoring, meta = shapes[name]
         p = project(shape, self.counts, budget)
-        if p is None:
-            raise ValueError(f"budget {budget:g} is out of reach for {name}: even dropping every visual token at its "
-                             "first pruning layer falls short; lower the budget")
+        feasible = p is not None
+        if not feasible:  # the shape at its limit: every visual token dropped at its first pruning layer
+            first = int(np.flatnonzero(np.asarray(shape) > 0)[0])
+            drops = tuple(one_hot(L, {first: 1.0}))
+            p = (drops, self.counts.reduction(drops))
+            warnings.warn(f"budget {budget:g} is out of reach for {name}: dropping every visual token at its first "
+                          f"pruning layer removes {p[1]:.4f} of the prefill; returning that recipe with "
+                          "feasible=False", stacklevel=2)
         return Recipe(p[0], scoring=scoring, method=name, family=self.family, checkpoint=self.stats.checkpoint,
                       budget=budget, flops_convention=self.convention,
-                      metadata={**meta, "predicted_reduction": p[1], "matched_on": self.stats.calib_id})
+                      metadata={**meta, "predicted_reduction": p[1], "matched_on": self.stats.calib_id,
+                                "feasible": feasible})
 
     def measure(self, recipe: Recipe) -> dict:
         """The recipe's divergence on both splits and its FLOPs reduction measured on all calibration samples."""
