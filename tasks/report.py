@@ -61,31 +61,69 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_front(result: dict, out_dir: str) -> str | None:
-    """``<out_dir>/<run_id>-pareto.png``: metric vs measured FLOPs reduction per method, one panel per
-    benchmark, unpruned at 0, error bars = standard error; None without matplotlib."""
-    try:
-        import matplotlib
+_MARKERS = "osD^vP*X<>"
+_LINES = ("-", "--", "-.", ":")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+
+def _model_label(result: dict) -> str:
+    spec = (result.get("config") or {}).get("model") or {}
+    kind = spec.get("kind")
+    name = {"demo": "demo LLaVA", "toy": "toy model"}.get(kind, spec.get("path", "model"))
+    return f"{name} ({result['checkpoint']})"
+
+
+def front_figure(result: dict):
+    """The figure of ``plot_front`` (matplotlib, Agg): one panel per benchmark.
+
+    Per method a line of metric vs measured FLOPs reduction with standard-error bars, each method with
+    its own marker and line style and drawn slightly offset in FLOPs so overlapping methods stay
+    visible; the unpruned model as a black star at 0; the Pareto front (``pareto_rows``) as a grey
+    step line with ringed points. Titles name the model and the benchmark.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     benchmarks = sorted({r["benchmark"] for r in result["summary"]})
-    fig, axes = plt.subplots(1, len(benchmarks), figsize=(5.5 * len(benchmarks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(benchmarks), figsize=(5.5 * len(benchmarks), 4.2), squeeze=False)
+    methods = sorted({r["method"] for r in result["summary"]} - {"none"})
     for ax, benchmark in zip(axes[0], benchmarks):
         rows = [r for r in result["summary"] if r["benchmark"] == benchmark]
-        base = [r for r in rows if r["method"] == "none"]
-        for method in sorted({r["method"] for r in rows} - {"none"}):
-            points = sorted((r["flops_reduction"], r["metric"], _stderr(r)) for r in rows + base
-                            if r["method"] in (method, "none"))
+        for k, method in enumerate(methods):
+            points = sorted((r["flops_reduction"], r["metric"], _stderr(r)) for r in rows if r["method"] == method)
+            if not points:
+                continue
             xs, ys, es = zip(*points)
-            ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=method)
+            shift = 0.004 * (k - (len(methods) - 1) / 2)  # a small offset keeps coinciding methods apart
+            ax.errorbar([x + shift for x in xs], ys, yerr=[0 if math.isnan(e) else e for e in es],
+                        marker=_MARKERS[k % len(_MARKERS)], linestyle=_LINES[k % len(_LINES)], capsize=3,
+                        label=method)
+        for r in rows:
+            if r["method"] == "none":
+                ax.errorbar([r["flops_reduction"]], [r["metric"]], yerr=[0 if math.isnan(_stderr(r)) else _stderr(r)],
+                            marker="*", markersize=12, color="black", linestyle="none", capsize=3, label="unpruned")
+        front = sorted((r["flops_reduction"], r["metric"]) for r in result["pareto_rows"] if r["benchmark"] == benchmark)
+        if front:
+            xs, ys = zip(*front)
+            ax.step(xs, ys, where="post", color="grey", alpha=0.6, linewidth=3, zorder=0, label="Pareto front")
+            ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="grey", linewidths=1.5, zorder=3)
         ax.set_xlabel("measured prefill FLOPs reduction")
         ax.set_ylabel(rows[0]["metric_name"] if rows else "metric")
-        ax.set_title(benchmark)
-        ax.legend()
-    fig.suptitle(result["checkpoint"], fontsize=9)
+        ax.set_title(f"{benchmark}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{_model_label(result)}, run {result['run_id']}", fontsize=9)
+    return fig
+
+
+def plot_front(result: dict, out_dir: str) -> str | None:
+    """``<out_dir>/<run_id>-pareto.png`` of ``front_figure``; None without matplotlib."""
+    try:
+        import matplotlib.pyplot as plt
+
+        fig = front_figure(result)
+    except ImportError:
+        return None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = os.path.join(out_dir, f"{result['run_id']}-pareto.png")
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -30,6 +30,17 @@ def test_steps_compose_without_prefect(tmp_path):
     assert "## Pareto front" in md and result["run_id"] in md
     png = plot_front(result, str(tmp_path / "reports"))  # None without matplotlib
     assert png is None or png.endswith(".png")
+    if png is not None:  # the plot shows each method, the unpruned point and the front it was given
+        from tasks.report import front_figure
+
+        fig = front_figure(result)
+        (ax,) = fig.axes
+        labels = ax.get_legend_handles_labels()[1]
+        assert {"fitprune", "random", "unpruned", "Pareto front"} <= set(labels)
+        (step,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+        front = sorted((r["flops_reduction"], r["metric"]) for r in result["pareto_rows"])
+        assert list(zip(step.get_xdata(), step.get_ydata())) == front
+        assert result["checkpoint"] in fig._suptitle.get_text() and "toy model" in fig._suptitle.get_text()
     calib = steps.calibration_set(4, 0, source="toy", root=tmp_path)
     again = steps.collect_stats_shard({"kind": "toy"}, calib, result["checkpoint"], 0, 4, 4, tmp_path)
     assert again["reused"] is True and again["collected"] == 0
