@@ -7,6 +7,7 @@ custom ``fitprune.checkpoint.created`` event. A checkpoint is a subdirectory hol
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,8 +22,6 @@ WATCH_ENV = "FITPRUNE_WATCH_DIR"
 
 def watch_dir_for(watch_dir: str | None, data_root: str | None) -> str:
     """``watch_dir``, else ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``."""
-    import os
-
     from storage.root import data_root as resolve_root
 
     return str(watch_dir or os.environ.get(WATCH_ENV) or resolve_root(data_root) / "checkpoints")
@@ -52,7 +51,11 @@ def checkpoints_without_recipes(paths: list[str], data_root: str | None) -> list
     known = set(catalog.query(_SWEPT, root=data_root).column("checkpoint").to_pylist())
     out = []
     for path in paths:
-        fp = fingerprint(path)
+        try:
+            fp = fingerprint(path)
+        except (OSError, ValueError) as err:  # unreadable: reported by recalibrate, the scan goes on
+            out.append({"path": path, "checkpoint": None, "error": f"{type(err).__name__}: {err}"})
+            continue
         if fp not in known:
             out.append({"path": path, "checkpoint": fp})
     return out
@@ -78,17 +81,36 @@ def recalibrate(
 ) -> list[dict]:
     """Sweep (as a subflow) each checkpoint under ``watch_dir`` whose fingerprint has no recipes.
 
-    ``watch_dir``: default ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints``. Question
-    sources need checkpoints saved with their processor; ``source="toy"`` needs none.
+    ``watch_dir``: default ``$FITPRUNE_WATCH_DIR``, else ``<data root>/checkpoints`` (created if
+    missing). Question sources need checkpoints saved with their processor; ``source="toy"`` needs
+    none. A checkpoint that cannot be read or swept is logged with its reason and the others are
+    still swept; the run then fails, naming every checkpoint that failed.
     """
     logger = get_run_logger()
+    default = watch_dir is None and not os.environ.get(WATCH_ENV)
     watch_dir = watch_dir_for(watch_dir, data_root)
+    if default:
+        Path(watch_dir).mkdir(parents=True, exist_ok=True)
     todo = scan(watch_dir, data_root)
     logger.info(f"{len(todo)} checkpoint(s) under {watch_dir} without recipes")
-    done = []
+    done, failed = [], []
     for item in todo:
-        result = sweep(checkpoint={"kind": "path", "path": item["path"]}, calib_samples=calib_samples,
-                       eval_samples=eval_samples, budgets=budgets, methods=methods, batch_size=batch_size,
-                       device=device, data_root=data_root, source=source, benchmarks=benchmarks)
-        done.append({"path": item["path"], "checkpoint": result["checkpoint"], "run_id": result["run_id"]})
+        error = item.get("error")
+        if error is None:
+            state = sweep(checkpoint={"kind": "path", "path": item["path"]}, calib_samples=calib_samples,
+                          eval_samples=eval_samples, budgets=budgets, methods=methods, batch_size=batch_size,
+                          device=device, data_root=data_root, source=source, benchmarks=benchmarks,
+                          return_state=True)
+            try:
+                result = state.result()
+            except Exception as err:  # the sweep's failure, as its subflow run recorded it
+                error = f"{type(err).__name__}: {err}"
+            else:
+                done.append({"path": item["path"], "checkpoint": result["checkpoint"], "run_id": result["run_id"]})
+        if error is not None:
+            logger.error(f"checkpoint {item['path']}: {error}")
+            failed.append(f"{item['path']} ({error})")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(todo)} checkpoint(s) failed, {len(done)} swept: "
+                           + "; ".join(failed))
     return done

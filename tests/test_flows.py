@@ -166,8 +166,13 @@ def test_flows_in_a_test_harness(harness, tmp_path):
 
     watch = tmp_path / "watch"
     toy.toy_model(1).save_pretrained(watch / "ckpt-b")  # a "new checkpoint" on disk
-    done = recalibrate(watch_dir=str(watch), data_root=data, **TINY)
-    assert [d["path"] for d in done] == [str(watch / "ckpt-b")]
-    checkpoints = catalog.query("SELECT DISTINCT checkpoint FROM recipes", root=data).column("checkpoint").to_pylist()
-    assert sorted(checkpoints) == sorted([result["checkpoint"], done[0]["checkpoint"]])
+    (watch / "ckpt-a-broken").mkdir()  # sorted first: its failure must not stop the scan
+    (watch / "ckpt-a-broken" / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError, match=r"1 of 2 checkpoint\(s\) failed, 1 swept: .*ckpt-a-broken"):
+        recalibrate(watch_dir=str(watch), data_root=data, **TINY)
+    swept = catalog.query("SELECT DISTINCT checkpoint FROM recipes", root=data).column("checkpoint").to_pylist()
+    assert len(swept) == 2 and result["checkpoint"] in swept  # ckpt-b was swept after the broken one failed
+    (watch / "ckpt-a-broken" / "config.json").unlink()  # no longer a checkpoint
     assert recalibrate(watch_dir=str(watch), data_root=data, **TINY) == []  # nothing new: nothing run
+    fresh = tmp_path / "fresh"
+    assert recalibrate(data_root=str(fresh), **TINY) == [] and (fresh / "checkpoints").is_dir()  # default created
