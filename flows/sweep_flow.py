@@ -57,7 +57,7 @@ def sweep(
     ``benchmarks``: evaluation sources (``tasks.sources``; default easy-vqa:test + synthetic:test). ``data_root``: default ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``.
     ``shard_size``: samples per statistics/evaluation shard; each shard is its own task run, and
     statistics shards already in the store are skipped. Returns the run id, checkpoint
-    fingerprint and Pareto rows.
+    fingerprint, the run's summary rows and the Pareto rows, and logs both tables last.
     """
     from storage.root import data_root as resolve_root
 
@@ -69,8 +69,12 @@ def sweep(
     logger.info(f"model {spec}; data root {config.root}")
     result = compose(config, spec, sweep_tasks, flow="fitprune/sweep")
     sweep_tasks.publish_artifacts(result, str(Path(config.root) / "reports"))
-    logger.info(f"run {result['run_id']}: {len(result['pareto_rows'])} Pareto-front rows for {result['checkpoint']}")
-    return {"run_id": result["run_id"], "checkpoint": result["checkpoint"], "pareto_rows": result["pareto_rows"]}
+    from tasks.report import pareto_text, summary_text
+
+    logger.info(f"run {result['run_id']} on {result['checkpoint']}:\n{summary_text(result)}\n\nPareto front:\n"
+                f"{pareto_text(result)}")  # the last lines `prefect deployment run --watch` shows
+    return {"run_id": result["run_id"], "checkpoint": result["checkpoint"], "summary": result["summary"],
+            "pareto_rows": result["pareto_rows"]}
 
 
 if __name__ == "__main__":

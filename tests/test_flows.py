@@ -163,6 +163,7 @@ def test_flows_in_a_test_harness(harness, tmp_path):
     data = str(tmp_path / "data")
     result = sweep(**TINY, checkpoint={"kind": "toy", "seed": 0}, data_root=data)
     assert result["pareto_rows"]
+    assert sorted(r["method"] for r in result["summary"]) == ["fastv", "fitprune", "none"]  # what --watch users see
 
     watch = tmp_path / "watch"
     toy.toy_model(1).save_pretrained(watch / "ckpt-b")  # a "new checkpoint" on disk
