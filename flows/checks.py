@@ -9,28 +9,12 @@ Messages name the CLI flag; the flow's parameter of the same name (``source``, `
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-__all__ = ["check_device", "check_sweep"]
+__all__ = ["check_sweep"]
 
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 # files of which a checkpoint needs at least one to read questions (processor or tokenizer)
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-def check_device(device: str) -> None:
-    if not _DEVICE.fullmatch(device):
-        raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here (no GPU, or torch {torch.__version__} "
-                             "built without CUDA); use --device cpu")
-        n = torch.cuda.device_count()
-        if int(device.partition(":")[2] or 0) >= n:
-            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
 
 
 def check_sweep(config, spec: dict) -> None:
@@ -40,8 +24,7 @@ def check_sweep(config, spec: dict) -> None:
     from tasks import sources
     from tasks.models import check_weight_files, normalize_spec
 
-    check_device(spec["device"])
-    spec = normalize_spec(spec)  # a path model must be a checkpoint directory
+    spec = normalize_spec(spec)  # the device (tasks.models.check_device); a path model is a checkpoint directory
     used = [("--source", config.source), *(("--benchmarks", b) for b in config.benchmarks)]
     questions = [(flag, s) for flag, s in used if sources.is_question_source(s)]
     if questions and spec["kind"] == "toy":

@@ -16,6 +16,7 @@ from there afterwards.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from fitprune.adapters import get_adapter
 from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
-__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "check_weight_files", "describe_model", "encoder_for", "load_model",
+__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "describe_model", "encoder_for", "load_model",
            "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
@@ -39,6 +40,22 @@ LOCK = threading.RLock()  # tasks may run in threads of one process: build each 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def check_device(device: str) -> None:
+    """ValueError unless ``device`` is cpu, cuda or cuda:N and, for CUDA, such a GPU is here."""
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (no GPU, or torch {torch.__version__} "
+                             "built without CUDA); use --device cpu")
+        n = torch.cuda.device_count()
+        if int(device.partition(":")[2] or 0) >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
 
 
 def normalize_spec(spec) -> dict:
@@ -75,9 +92,7 @@ def normalize_spec(spec) -> dict:
         if dtype not in DTYPES:
             raise ValueError(f"model spec dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         out["dtype"] = dtype
-    dev = out["device"]
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {dev!r} asked for, but CUDA is not available here; use device 'cpu'")
+    check_device(out["device"])
     return out
 
 

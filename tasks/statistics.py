@@ -109,13 +109,17 @@ def collect_stats_shard(spec, calib: dict, checkpoint: str, start: int, end: int
     return {**out, "reused": False, "collected": len(missing), "seconds": time.perf_counter() - t0}
 
 
-def _pick(table: str, part: str, samples: list[str], checkpoint: str, calib_id: str, root) -> pa.Table:
-    paths = [p for p in store.list_parts(table, root, _key(checkpoint, calib_id)) if p.name == part]
-    if not paths:
-        raise ValueError(f"{table}: no part {part} for {checkpoint}/{calib_id}, although stats_token has one; the "
-                         "store is inconsistent (was a file deleted?)")
-    rows = store.read_table(table, root, parts=paths)
-    return rows.filter(pc.is_in(rows.column("sample"), pa.array(samples, pa.string())))
+def _pick(table: str, by_part: dict[str, list[str]], checkpoint: str, calib_id: str, root) -> pa.Table:
+    """``table``'s rows of each part's samples (``by_part``: part file name -> samples read from it)."""
+    paths = {p.name: p for p in store.list_parts(table, root, _key(checkpoint, calib_id))}
+    chunks = []
+    for part, samples in by_part.items():
+        if part not in paths:
+            raise ValueError(f"{table}: no part {part} for {checkpoint}/{calib_id}, although stats_token has one; "
+                             "the store is inconsistent (was a file deleted?)")
+        rows = store.read_table(table, root, parts=[paths[part]])
+        chunks.append(rows.filter(pc.is_in(rows.column("sample"), pa.array(samples, pa.string()))))
+    return pa.concat_tables(chunks)
 
 
 def read_stats(checkpoint: str, calib_id: str, root, samples: list[str] | None = None) -> CalibrationStats:
@@ -135,8 +139,8 @@ def read_stats(checkpoint: str, calib_id: str, root, samples: list[str] | None =
     by_part: dict[str, list[str]] = {}
     for s in samples:
         by_part.setdefault(owner[s], []).append(s)
-    tokens = pa.concat_tables([_pick("stats_token", p, ss, checkpoint, calib_id, root) for p, ss in by_part.items()])
-    layers = pa.concat_tables([_pick("stats_layer", p, ss, checkpoint, calib_id, root) for p, ss in by_part.items()])
+    tokens = _pick("stats_token", by_part, checkpoint, calib_id, root)
+    layers = _pick("stats_layer", by_part, checkpoint, calib_id, root)
     position = {s: i for i, s in enumerate(samples)}
     layers = layers.take(np.argsort([position[s] for s in layers.column("sample").to_pylist()], kind="stable"))
     return CalibrationStats.from_arrow(tokens, layers, checkpoint=checkpoint, calib_id=calib_id)
