@@ -19,8 +19,8 @@ from .calibration import CalibrationStats
 from .flops import CONVENTIONS, ModelDims, layer_macs
 from .recipe import Recipe
 
-__all__ = ["BudgetCheck", "LayerCost", "TokenCounts", "check_inputs", "other_tokens", "predicted_reduction",
-           "reduction", "token_schedule", "trim_counts"]
+__all__ = ["BudgetCheck", "LayerCost", "TokenCounts", "check_inputs", "input_counts", "other_tokens",
+           "predicted_reduction", "reduction", "token_schedule", "trim_counts"]
 
 VISUAL_ONLY = frozenset({"fitprune-paper"})  # conventions that count visual tokens only
 FEASIBLE_EPS = 1e-12  # a reduction this close below the budget counts as meeting it (float noise)
@@ -92,9 +92,16 @@ def check_inputs(stats: CalibrationStats, dims: ModelDims) -> None:
         )
 
 
-def token_schedule(fractions: Sequence[float], n_visual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def input_counts(input_fraction: float, n_visual: np.ndarray) -> np.ndarray:
+    """``Recipe.input_count`` for every sample: visual tokens removed before layer 0, ``(S,)``."""
+    n = n_visual.astype(np.int64)
+    return np.minimum(np.floor(input_fraction * n_visual + 1e-6).astype(np.int64), n)
+
+
+def token_schedule(fractions: Sequence[float], n_visual: np.ndarray,
+                   input_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``Recipe.drop_counts`` for every sample: tokens entering / leaving each layer, ``(S, L)`` each."""
-    left = n_visual.astype(np.int64)
+    left = n_visual.astype(np.int64) - input_counts(input_fraction, n_visual)
     n_in, n_out = [], []
     for f in fractions:
         k = np.minimum(np.floor(f * n_visual + 1e-6).astype(np.int64), left)  # Recipe.drop_counts' float ops
@@ -104,9 +111,11 @@ def token_schedule(fractions: Sequence[float], n_visual: np.ndarray) -> tuple[np
     return np.stack(n_in, axis=1), np.stack(n_out, axis=1)
 
 
-def reduction(fractions: Sequence[float], cost: LayerCost, n_visual: np.ndarray, n_other: np.ndarray, L: int) -> float:
-    """``1 - Σ_s pruned_s / Σ_s unpruned_s`` for per-layer drop ``fractions`` of the initial visual count."""
-    n_in, n_out = token_schedule(fractions, n_visual)
+def reduction(fractions: Sequence[float], cost: LayerCost, n_visual: np.ndarray, n_other: np.ndarray, L: int,
+              input_fraction: float = 0.0) -> float:
+    """``1 - Σ_s pruned_s / Σ_s unpruned_s`` for per-layer drop ``fractions`` of the initial visual count
+    (and ``input_fraction`` of it removed before layer 0)."""
+    n_in, n_out = token_schedule(fractions, n_visual, input_fraction)
     o = n_other[:, None]
     pruned = math.fsum(cost(n_in + o, n_out + o).sum(axis=1))
     full = math.fsum(L * cost(n_visual + n_other, n_visual + n_other))
@@ -124,8 +133,8 @@ class TokenCounts:
         self.num_layers = dims.num_layers
         self.convention = convention
 
-    def reduction(self, fractions: Sequence[float]) -> float:
-        return reduction(fractions, self.cost, self.n_visual, self.n_other, self.num_layers)
+    def reduction(self, fractions: Sequence[float], input_fraction: float = 0.0) -> float:
+        return reduction(fractions, self.cost, self.n_visual, self.n_other, self.num_layers, input_fraction)
 
 
 def predicted_reduction(recipe: Recipe, stats: CalibrationStats, dims: ModelDims, convention: str = "full") -> float:
@@ -137,7 +146,7 @@ def predicted_reduction(recipe: Recipe, stats: CalibrationStats, dims: ModelDims
     check_inputs(stats, dims)
     if recipe.num_layers != dims.num_layers:
         raise ValueError(f"recipe has {recipe.num_layers} layers, the model has {dims.num_layers}")
-    return TokenCounts(stats, dims, convention).reduction(recipe.drop_fractions)
+    return TokenCounts(stats, dims, convention).reduction(recipe.drop_fractions, recipe.input_fraction)
 
 
 def trim_counts(counts: list[int], meets: Callable[[list[int]], bool]) -> tuple[list[int], int]:

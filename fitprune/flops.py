@@ -204,11 +204,12 @@ def recipe_token_schedule(recipe: Recipe, n_visual: int, n_other: int = 0) -> tu
 
     Returns ``(attn_tokens, mlp_tokens)``, each shape ``(num_layers,)``: the tokens entering layer
     ``l``'s attention, and the tokens left after layer ``l``'s pruning (its MLP count, and the next
-    layer's attention count). ``n_other`` (system + text tokens) are never dropped.
+    layer's attention count). ``n_other`` (system + text tokens) are never dropped. Tokens a recipe
+    removes before layer 0 (``input_fraction``) never enter any layer.
     """
     if not isinstance(n_other, Integral) or isinstance(n_other, bool) or n_other < 0:
         raise ValueError(f"n_other must be a non-negative integer (system + text tokens), got {n_other!r}")
-    alive = n_visual
+    alive = n_visual - recipe.input_count(n_visual)
     attn, mlp = [], []
     for k in recipe.drop_counts(n_visual):
         attn.append(n_other + alive)

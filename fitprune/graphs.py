@@ -238,6 +238,8 @@ class PrefillGraphs:
             return "attentions or hidden states requested"
         if pruner is not None and pruner.probe is not None:
             return "statistics probe"
+        if pruner is not None and (pruner.input_stage is not None or pruner.recipe.scoring == "dart"):
+            return f"{pruner.recipe.scoring} selection (data-dependent host work: runs eagerly)"
         if pruner is not None and pruner.prefill is not None and pruner.prefill.version:
             return "pruner state already advanced"
         return None

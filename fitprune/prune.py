@@ -3,6 +3,10 @@
 DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one model. Per prefill:
 
 * top-level pre-hook: find visual positions in ``input_ids``, per-sample drop counts from the recipe;
+* pre-hook of layer 0, for a recipe that selects before the language model (``input_fraction``,
+  :mod:`fitprune.input_stage`): the chosen tokens are removed from the embeddings before layer 0
+  runs; layer 0's KV cache is then laid out at full length with those slots masked in decode, since
+  transformers reads the cache length from layer 0;
 * scoring attention (``fitprune.attention``) at layers with a nonzero entry: score alive visual
   tokens on the layer's post-RoPE queries/keys and pick the ones to drop;
 * MLP pre/post hooks of that layer: the MLP runs on the survivors only (rows gathered, then
@@ -31,57 +35,13 @@ from torch import nn
 from . import attention as attn_registry
 from . import scoring
 from .adapters import Adapter
-from .recipe import Recipe
+from .input_stage import InputStage
+from .prune_report import PruneReport
+from .recipe import Recipe, RecipeError
+from .reslice import decode_mask, gather_seq, prefill_mask
+from .selection import dart_drops
 
 __all__ = ["Probe", "Pruner", "PruneReport"]
-
-
-class PruneReport:
-    """What the last pruned prefill really executed (numpy arrays, one row per sample).
-
-    ``attn_tokens[b, l]`` real tokens entering layer l's attention (padding excluded);
-    ``mlp_tokens[b, l]`` tokens its MLP ran on (= those left after its pruning);
-    ``attn_visual`` / ``mlp_visual`` the visual part of those; ``kept[b, p]`` whether input
-    position p survived every layer; ``dropped[b][l]`` original positions dropped after layer l.
-    The counts are bookkept on the host; ``kept`` and ``dropped`` are copied from the device only
-    when read, so the forward itself never waits for them.
-    """
-
-    def __init__(self, attn_tokens, mlp_tokens, attn_visual, mlp_visual, kept_fn, dropped_fn):
-        self.attn_tokens = np.asarray(attn_tokens, dtype=np.int64)
-        self.mlp_tokens = np.asarray(mlp_tokens, dtype=np.int64)
-        self.attn_visual = np.asarray(attn_visual, dtype=np.int64)
-        self.mlp_visual = np.asarray(mlp_visual, dtype=np.int64)
-        self.n_visual = self.attn_visual[:, 0].copy()
-        self._kept_fn, self._dropped_fn = kept_fn, dropped_fn
-        self._kept = self._dropped = None
-
-    @property
-    def kept(self) -> np.ndarray:
-        if self._kept is None:
-            self._kept = self._kept_fn()
-        return self._kept
-
-    @property
-    def dropped(self) -> list[list[list[int]]]:
-        if self._dropped is None:
-            self._dropped = self._dropped_fn()
-        return self._dropped
-
-    def flops(self, dims, convention: str = "full") -> np.ndarray:
-        """Per-sample prefill cost from the executed counts (``fitprune.flops`` conventions)."""
-        from .flops import prefill_flops
-
-        if convention == "fitprune-paper":
-            attn, mlp = self.attn_visual, self.mlp_visual
-        else:
-            attn, mlp = self.attn_tokens, self.mlp_tokens
-        return np.array(
-            [prefill_flops(dims, a.tolist(), m.tolist(), convention=convention) for a, m in zip(attn, mlp)]
-        )
-
-    def __repr__(self) -> str:
-        return f"PruneReport(samples={len(self.n_visual)}, n_visual={self.n_visual.tolist()})"
 
 
 class _Prefill:
@@ -120,6 +80,10 @@ class _Prefill:
         self.attn_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) entering
         self.mlp_counts: list[tuple[list[int], list[int]]] = []  # per layer (real, visual) after drop
         self.dropped_positions: dict[int, torch.Tensor] = {}  # pruning layer -> (B, Lc) original idx or -1
+        self.deferred: dict[int, tuple[torch.Tensor, list[int]]] = {}  # DART layer -> (keys, counts) until its MLP
+        self.decode_views: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # layer -> full-length cache view
+        self.initial_visual: list[int] = list(self.alive_visual)  # per sample, visual tokens of the prompt
+        self.cache = None  # the KV cache of this prefill (seen by layer 0), when a pre-LLM recipe pads it
         self.static = False  # True: the device tensors are a CUDA graph's, overwritten by its next replay
 
     def initial_copy(self) -> "_Prefill":
@@ -133,7 +97,7 @@ class _Prefill:
         for name in ("alive_visual", "alive_real", "first_visual", "slots", "layer_version", "versions",
                      "attn_counts", "mlp_counts"):
             setattr(new, name, list(getattr(self, name)))
-        for name in ("pending", "selection", "resliced", "dropped_positions"):
+        for name in ("pending", "selection", "resliced", "dropped_positions", "deferred", "decode_views"):
             setattr(new, name, {})
         return new
 
@@ -163,6 +127,7 @@ class _Session:
     input_len: int
     versions: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (idx, valid, all slots valid)
     layer_version: list[int]
+    decode_views: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]  # layers whose cache is full length
 
 
 class Probe:
@@ -176,61 +141,6 @@ class Probe:
         return None
 
     def end(self, state: _Prefill, report: "PruneReport") -> None: ...
-
-
-def _gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D)."""
-    lead = t.shape[:-3]
-    bsz, lc = idx.shape
-    t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
-    index = idx[..., None].expand(*lead, bsz, lc, t.shape[-1])
-    return torch.gather(t, -2, index)
-
-
-def _mask_fill(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return mask & allowed
-    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
-
-
-def _prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool):
-    """Re-slice a prefill attention mask to the alive slots (rows and columns)."""
-    bsz, lc = idx.shape
-    device = idx.device
-    if mask is None and all_valid:
-        return None  # still plain causal in compressed order: SDPA keeps is_causal
-    eye = torch.eye(lc, dtype=torch.bool, device=device)[None]
-    if mask is None:
-        allowed = torch.tril(torch.ones(lc, lc, dtype=torch.bool, device=device))[None] & valid[:, None, :]
-        return (allowed | (eye & ~valid[:, :, None]))[:, None]
-    if mask.dim() == 2:  # FlashAttention: (B, L) padding mask
-        return mask.gather(1, idx) * valid.to(mask.dtype)
-    m = mask.expand(bsz, *mask.shape[1:])
-    b = torch.arange(bsz, device=device)[:, None, None]
-    m = m[b, 0, idx[:, :, None], idx[:, None, :]]  # (B, Lc, Lc)
-    m = _mask_fill(m, valid[:, None, :] | (eye & ~valid[:, :, None]))
-    return m[:, None]
-
-
-def _decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool, input_len: int, q_len: int,
-                 kv_len: int):
-    """Mask for a decode step at a layer whose prefill cache holds only the slots ``idx``."""
-    bsz, lc = idx.shape
-    device = idx.device
-    n_new = kv_len - input_len
-    if mask is None:
-        if all_valid:
-            return None
-        old = valid[:, None, :].expand(bsz, q_len, lc)
-        rows = torch.arange(q_len, device=device)[:, None] + (n_new - q_len)
-        new = (torch.arange(n_new, device=device)[None, :] <= rows)[None].expand(bsz, -1, -1)
-        return torch.cat([old, new], dim=-1)[:, None]
-    if mask.dim() == 2:
-        return torch.cat([mask[:, :input_len].gather(1, idx) * valid.to(mask.dtype), mask[:, input_len:]], 1)
-    m = mask.expand(bsz, *mask.shape[1:])
-    index = idx[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], lc)
-    old = _mask_fill(torch.gather(m[..., :input_len], -1, index), valid[:, None, None, :])
-    return torch.cat([old, m[..., input_len:]], dim=-1)
 
 
 def cache_of(mapping) -> object | None:
@@ -260,6 +170,10 @@ class Pruner:
         probe_layers = set(range(len(self.layers))) if probe is not None else set()
         # layers whose attention is looked at, and where tokens may be dropped
         self.prune_layers = sorted(recipe_layers | probe_layers)
+        self.input_stage = InputStage(self) if recipe.input_fraction > 0 else None
+        if self.input_stage is not None and probe is not None:
+            raise RecipeError("statistics probes run on in-LLM recipes only, not on one that selects before layer 0")
+        self.active = bool(self.prune_layers) or self.input_stage is not None
         self._drop_cache: dict[int, list[int]] = {}
         # device constants made once and reused: no host-to-device copy inside a prefill after the
         # first one (CUDA graph capture forbids them; fitprune.graphs)
@@ -278,8 +192,11 @@ class Pruner:
         model = self.model
         self._handles.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_model_end, with_kwargs=True, always_call=True))
-        if not self.prune_layers:
+        if not self.active:
             return  # a no-op recipe runs the stock model untouched
+        if self.input_stage is not None:
+            self._handles.extend(self.input_stage.install())
+            self._handles.append(self.layers[0].register_forward_hook(self._pad_first_cache))
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
             if i in self.prune_layers:
@@ -320,7 +237,7 @@ class Pruner:
                 self.decoding = session
             return None
         self.session = None
-        if not self.prune_layers:
+        if not self.active:
             return None
         if input_ids is None:
             raise ValueError(
@@ -356,6 +273,7 @@ class Pruner:
                 input_len=state.input_len,
                 versions=state.versions,
                 layer_version=state.layer_version,
+                decode_views=state.decode_views,
             )
         return None
 
@@ -364,13 +282,15 @@ class Pruner:
         def hook(layer, args, kwargs):
             state = self.prefill
             if state is not None:
+                if i == 0 and self.input_stage is not None and state.version == 0:
+                    args, kwargs = self._drop_input(state, args, kwargs)
                 state.layer_version.append(state.version)
                 state.attn_counts.append((list(state.alive_real), list(state.alive_visual)))
                 if state.version == 0:
                     return None
                 return args, self._reslice_prefill(state, kwargs)
             session = self.decoding
-            if session is not None and session.layer_version[i] > 0:
+            if session is not None and (session.layer_version[i] > 0 or i in session.decode_views):
                 return args, self._reslice_decode(session, i, args, kwargs)
             return None
 
@@ -383,9 +303,9 @@ class Pruner:
             key = (id(value), state.version)
             if key not in state.resliced:
                 if name == "attention_mask":
-                    state.resliced[key] = _prefill_mask(value, state.idx, state.valid, state.all_valid)
+                    state.resliced[key] = prefill_mask(value, state.idx, state.valid, state.all_valid)
                 else:
-                    state.resliced[key] = None if value is None else tuple(_gather_seq(t, state.idx) for t in value)
+                    state.resliced[key] = None if value is None else tuple(gather_seq(t, state.idx) for t in value)
             kwargs[name] = state.resliced[key]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None  # gapped ids look like packed sequences to FlashAttention
@@ -393,15 +313,16 @@ class Pruner:
 
     def _reslice_decode(self, session: _Session, i: int, args, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
-        version = session.layer_version[i]
+        view = session.decode_views.get(i)
+        version = session.layer_version[i] if view is None else ("view", i)
         mask = kwargs.get("attention_mask")
         key = (version, id(mask))  # layers of one version share the re-sliced mask within a step
         if key not in self._step_masks:
-            idx, valid, all_valid = session.versions[version]
+            idx, valid, all_valid = session.versions[version] if view is None else view
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             q_len = hidden.shape[1]
             kv_len = mask.shape[-1] if mask is not None else cache_of(kwargs).get_seq_length(0)
-            self._step_masks[key] = _decode_mask(mask, idx, valid, all_valid, session.input_len, q_len, kv_len)
+            self._step_masks[key] = decode_mask(mask, idx, valid, all_valid, session.input_len, q_len, kv_len)
         kwargs["attention_mask"] = self._step_masks[key]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None
@@ -422,6 +343,8 @@ class Pruner:
             drop = self.probe.on_scores(i, state, *cs, candidates) if self.probe is not None else None
             if drop is not None:
                 counts = drop.sum(1).tolist()  # data-dependent drops: count them (probes only)
+            elif by_recipe and rule == "dart":  # chosen on the hidden states the MLP receives (_mlp_pre)
+                state.deferred[i] = (key, counts)
             elif by_recipe:
                 if rule == "fitprune":
                     scores = cs[0] * cs[1]
@@ -480,9 +403,30 @@ class Pruner:
             state.selection[i] = (sel, keep.gather(1, sel))
         return state.selection[i]
 
+    def _dart(self, state: _Prefill, i: int, x: torch.Tensor) -> None:
+        """DART's drops after layer i, from the MLP's input ``x`` (B, Lc, D) and the layer's keys.
+
+        DART compares hidden states under the model's final norm. RMSNorm only rescales each token, so
+        ``x / γ_post · γ_final`` has the cosine similarities of the final-normed residual stream after
+        this layer's attention (DART reads it after the MLP; here the MLP already runs on survivors).
+        """
+        keys, counts = state.deferred.pop(i)
+        post = getattr(self.layers[i], "post_attention_layernorm", None)
+        g_post, g_final = getattr(post, "weight", None), getattr(self.lm.norm, "weight", None)
+        hidden = x.float()
+        if g_post is not None and g_final is not None and g_post.shape == g_final.shape:
+            safe = torch.where(g_post.float().abs() > 1e-6, g_post.float(), 1.0)
+            hidden = hidden / safe * g_final.float()
+        candidates = state.visual & state.valid
+        k = self._k_tensor(counts, x.device)
+        drop = dart_drops(hidden, keys, candidates, state.text & state.valid, k)
+        state.pending[i] = (drop, counts)
+
     def _mlp_pre(self, i: int):
         def hook(mlp, args):
             state = self.prefill
+            if state is not None and i in state.deferred:
+                self._dart(state, i, args[0])
             if state is None or i not in state.pending:
                 return None
             sel, _ = self._selection(state, i)
@@ -509,25 +453,68 @@ class Pruner:
                 return None
             if i not in state.pending:
                 return None
-            sel, new_valid = self._selection(state, i)
-            drop, counts = state.pending.pop(i)
-            state.dropped_positions[i] = torch.where(drop, state.idx, -1)
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
-            state.idx = state.idx.gather(1, sel)
-            state.visual = state.visual.gather(1, sel)
-            state.text = state.text.gather(1, sel)
-            state.real = state.real.gather(1, sel)
-            state.valid = new_valid
-            state.slots = [n - k for n, k in zip(state.slots, counts)]
-            state.alive_visual = [n - k for n, k in zip(state.alive_visual, counts)]
-            state.alive_real = [n - k for n, k in zip(state.alive_real, counts)]
-            state.version += 1
-            state.versions.append((state.idx, state.valid, state.all_valid))
-            state.selection.pop(i)
-            return _replace_output(output, hidden)
+            return _replace_output(output, self._compact(state, i, hidden))
 
         return hook
+
+    def _compact(self, state: _Prefill, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Remove the pending drops of layer ``i`` (-1: before layer 0) from ``hidden`` and the state."""
+        sel, new_valid = self._selection(state, i)
+        drop, counts = state.pending.pop(i)
+        state.dropped_positions[i] = torch.where(drop, state.idx, -1)
+        hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
+        state.idx = state.idx.gather(1, sel)
+        state.visual = state.visual.gather(1, sel)
+        state.text = state.text.gather(1, sel)
+        state.real = state.real.gather(1, sel)
+        state.valid = new_valid
+        state.slots = [n - k for n, k in zip(state.slots, counts)]
+        state.alive_visual = [n - k for n, k in zip(state.alive_visual, counts)]
+        state.alive_real = [n - k for n, k in zip(state.alive_real, counts)]
+        state.version += 1
+        state.versions.append((state.idx, state.valid, state.all_valid))
+        state.selection.pop(i)
+        return hidden
+
+    def _drop_input(self, state: _Prefill, args, kwargs):
+        """Layer 0's pre-hook for a pre-LLM recipe: remove the input stage's tokens before layer 0 runs."""
+        in_kwargs = "hidden_states" in kwargs
+        hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+        drop, counts = self.input_stage.select(state, hidden)
+        if not any(counts):
+            return args, kwargs
+        state.pending[-1] = (drop, counts)
+        hidden = self._compact(state, -1, hidden)
+        state.cache = cache_of(kwargs)
+        if in_kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    def _pad_first_cache(self, layer, args, output):
+        """After layer 0 ran on the pre-LLM survivors: lay its KV cache out at the prompt's full length
+        (removed slots zero, masked in every decode step), so the cache length transformers reads from
+        layer 0 stays the prompt length."""
+        state = self.prefill
+        if state is None or state.cache is None or -1 not in state.dropped_positions:
+            return None
+        idx, valid, _ = state.versions[1]  # the slots layer 0 ran on
+        store = getattr(state.cache, "layers", None)
+        first = store[0] if store else None
+        if first is None or not hasattr(first, "keys"):
+            raise NotImplementedError(f"fitprune cannot re-lay layer 0 of a {type(state.cache).__name__} "
+                                      "for a recipe that selects before the language model")
+        for name in ("keys", "values"):
+            t = getattr(first, name)  # (B, Hkv, Lc, hd)
+            index = idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+            full = t.new_zeros(t.shape[0], t.shape[1], state.input_len, t.shape[-1]).scatter(2, index, t)
+            setattr(first, name, full)
+        bsz = idx.shape[0]
+        positions = torch.arange(state.input_len, device=idx.device).expand(bsz, -1)
+        kept = torch.zeros(bsz, state.input_len, dtype=torch.bool, device=idx.device).scatter(1, idx, valid)
+        state.decode_views[0] = (positions, kept, False)
+        state.cache = None
+        return None
 
     def _on_norm(self, norm, args, output):
         state = self.prefill
@@ -562,11 +549,19 @@ class Pruner:
         def kept() -> np.ndarray:
             return (kept_now if kept_now is not None else kept_on_device()).cpu().numpy()
 
+        def rows(pos) -> list[list[int]]:
+            return [sorted(p for p in row if p >= 0) for row in pos.cpu().tolist()]
+
         def dropped() -> list[list[list[int]]]:
             out = [[[] for _ in range(num_layers)] for _ in range(bsz)]
             for layer, pos in positions.items():
-                for b, row in enumerate(pos.cpu().tolist()):
-                    out[b][layer] = sorted(p for p in row if p >= 0)
+                if layer >= 0:
+                    for b, row in enumerate(rows(pos)):
+                        out[b][layer] = row
             return out
 
-        return PruneReport(attn_real, mlp_real, attn_vis, mlp_vis, kept, dropped)
+        def dropped_input() -> list[list[int]]:
+            return rows(positions[-1]) if -1 in positions else [[] for _ in range(bsz)]
+
+        return PruneReport(attn_real, mlp_real, attn_vis, mlp_vis, kept, dropped, n_visual=state.initial_visual,
+                           dropped_input_fn=dropped_input)

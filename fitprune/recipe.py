@@ -8,7 +8,10 @@ turns them back into integer counts for a given sample, and :meth:`Recipe.from_c
 recipe from the authors' counts.
 
 Baselines (FastV, PDrop-style pyramid, uniform, random) are recipes too, differing only in the
-per-layer schedule and the ``scoring`` rule (DESIGN §2, "Baselines, as recipes").
+per-layer schedule and the ``scoring`` rule (DESIGN §2, "Baselines, as recipes"). Methods that
+select *before* the language model (DivPrune, VisionZip) use ``input_fraction``: tokens removed from
+the embeddings before layer 0. A method that merges the tokens it removes into the ones it keeps
+(VisionZip's contextual tokens) says so with ``merge_fraction > 0``; :attr:`Recipe.changes_values`.
 
 Recipes are saved as JSON with sorted keys and a ``format_version``; loading drops unknown keys
 with a warning and fails on missing or malformed ones with :class:`RecipeError`.
@@ -30,7 +33,10 @@ from typing import Any
 __all__ = ["FORMAT_VERSION", "SCORINGS", "Recipe", "RecipeError", "validate_for"]
 
 FORMAT_VERSION = 1
-SCORINGS = ("fitprune", "fastv", "random")  # scoring rules known to the engine
+SCORINGS = ("fitprune", "fastv", "random", "dart", "divprune", "visionzip")  # scoring rules known to the engine
+LAYER_SCORINGS = ("fitprune", "fastv", "random", "dart")  # may drop after decoder layers
+INPUT_SCORINGS = ("divprune", "visionzip", "random")  # may drop before layer 0 (``input_fraction``)
+MERGE_SCORINGS = ("visionzip",)  # may merge removed tokens into kept ones (``merge_fraction``)
 
 _EPS_COUNT = 1e-6  # fractions are stored as count / n; floor(frac * n + eps) gives the count back
 _EPS_SUM = 1e-9
@@ -60,6 +66,12 @@ class Recipe:
     ``drop_fractions[l]`` (one per decoder layer, shape ``(num_layers,)``) is the fraction of the
     sample's *initial* visual-token count removed right after layer ``l``'s attention: the dropped
     tokens were keys/values of layer ``l`` and are gone from its MLP onward (DESIGN §2, "Inference").
+
+    ``input_fraction`` is the fraction removed *before* layer 0 (from the embeddings the language
+    model receives; pre-LLM methods). ``merge_fraction`` is the fraction of the initial count that is
+    kept as *merged* tokens, each the mean of itself and removed tokens (VisionZip's contextual
+    tokens); it must fit within the tokens kept at the input. Both are 0 for in-LLM methods, and are
+    left out of :meth:`to_dict` then, so recipes written before they existed keep their JSON.
     """
 
     drop_fractions: tuple[float, ...]
@@ -71,6 +83,8 @@ class Recipe:
     flops_convention: str | None = None
     seed: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    input_fraction: float = 0.0
+    merge_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         fr = self.drop_fractions
@@ -86,16 +100,41 @@ class Recipe:
                     "(a fraction of the initial visual-token count)"
                 )
         fr = tuple(float(f) for f in fr)
-        total = math.fsum(fr)
+        for name in ("input_fraction", "merge_fraction"):
+            f = getattr(self, name)
+            if not _is_real(f) or not math.isfinite(float(f)) or not 0.0 <= float(f) <= 1.0:
+                raise RecipeError(f"{name} = {f!r}: must be a finite number in [0, 1] (a fraction of the initial "
+                                  "visual-token count)")
+            object.__setattr__(self, name, float(f))
+        total = math.fsum(fr) + self.input_fraction
         if total > 1.0 + _EPS_SUM:
             raise RecipeError(
-                f"drop_fractions sum to {total:.6g} > 1: a recipe cannot drop more than all visual tokens; "
-                "fractions are of the *initial* count, not of the tokens still alive"
+                f"drop_fractions (plus input_fraction) sum to {total:.6g} > 1: a recipe cannot drop more than all "
+                "visual tokens; fractions are of the *initial* count, not of the tokens still alive"
             )
         object.__setattr__(self, "drop_fractions", fr)
 
         if self.scoring not in SCORINGS:
             raise RecipeError(f"unknown scoring {self.scoring!r}; known scorings: {', '.join(SCORINGS)}")
+        if self.input_fraction > 0 and self.scoring not in INPUT_SCORINGS:
+            raise RecipeError(
+                f"input_fraction = {self.input_fraction:g} with scoring {self.scoring!r}: only "
+                f"{', '.join(INPUT_SCORINGS)} select before the language model"
+            )
+        if any(fr) and self.scoring not in LAYER_SCORINGS:
+            raise RecipeError(
+                f"scoring {self.scoring!r} selects before the language model only; its recipe drops through "
+                f"input_fraction with drop_fractions all 0 (in-LLM scorings: {', '.join(LAYER_SCORINGS)})"
+            )
+        if self.merge_fraction > 0:
+            if self.scoring not in MERGE_SCORINGS:
+                raise RecipeError(f"merge_fraction = {self.merge_fraction:g} with scoring {self.scoring!r}: only "
+                                  f"{', '.join(MERGE_SCORINGS)} merge tokens")
+            if self.merge_fraction > 1.0 - self.input_fraction + _EPS_SUM:
+                raise RecipeError(
+                    f"merge_fraction = {self.merge_fraction:g} > 1 - input_fraction = {1 - self.input_fraction:g}: "
+                    "merged tokens are part of the tokens kept at the input"
+                )
         if not isinstance(self.method, str) or not self.method:
             raise RecipeError(f"method must be a non-empty string, got {self.method!r}")
         _optional_str("family", self.family)
@@ -134,19 +173,34 @@ class Recipe:
 
     @property
     def is_noop(self) -> bool:
-        return all(f == 0.0 for f in self.drop_fractions)
+        return self.input_fraction == 0.0 and all(f == 0.0 for f in self.drop_fractions)
+
+    @property
+    def changes_values(self) -> bool:
+        """True when kept tokens carry merged values (not only fewer tokens): ``merge_fraction > 0``."""
+        return self.merge_fraction > 0.0
+
+    def input_count(self, n_visual: int) -> int:
+        """Visual tokens removed before layer 0: ``floor(input_fraction * n_visual + 1e-6)``, at most ``n_visual``."""
+        if not _is_int(n_visual) or n_visual < 0:
+            raise RecipeError(f"n_visual must be a non-negative integer, got {n_visual!r}")
+        return min(int(math.floor(self.input_fraction * int(n_visual) + _EPS_COUNT)), int(n_visual))
+
+    def merge_count(self, n_visual: int) -> int:
+        """Of the tokens kept at the input, how many are merged tokens (VisionZip's contextual tokens)."""
+        kept = int(n_visual) - self.input_count(n_visual)
+        return min(int(math.floor(self.merge_fraction * int(n_visual) + _EPS_COUNT)), kept)
 
     def drop_counts(self, n_visual: int) -> list[int]:
         """Per-layer drop counts, shape ``(num_layers,)``, for a sample with ``n_visual`` visual tokens.
 
-        ``k_l = floor(frac_l * n_visual + 1e-6)``, then clipped so the running total never exceeds
-        ``n_visual``. For fractions ``c / N`` this equals the authors' LLaVA-NeXT rule
-        ``int(c * n_visual / N)`` (the epsilon absorbs the rounding of ``c / N``).
+        ``k_l = floor(frac_l * n_visual + 1e-6)``, then clipped so the running total (with the
+        :meth:`input_count` removed before layer 0) never exceeds ``n_visual``. For fractions ``c / N``
+        this equals the authors' LLaVA-NeXT rule ``int(c * n_visual / N)`` (the epsilon absorbs the
+        rounding of ``c / N``).
         """
-        if not _is_int(n_visual) or n_visual < 0:
-            raise RecipeError(f"n_visual must be a non-negative integer, got {n_visual!r}")
-        n = int(n_visual)
-        counts, left = [], n
+        left = int(n_visual) - self.input_count(n_visual)  # validates n_visual
+        n, counts = int(n_visual), []
         for f in self.drop_fractions:
             k = min(int(math.floor(f * n + _EPS_COUNT)), left)
             counts.append(k)
@@ -189,6 +243,9 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict with every field and ``format_version``."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("input_fraction", "merge_fraction"):  # absent at 0: older recipes keep their JSON (and id)
+            if d[name] == 0.0:
+                del d[name]
         d["drop_fractions"] = list(self.drop_fractions)
         d["metadata"] = json.loads(json.dumps(self.metadata))
         d["format_version"] = FORMAT_VERSION

@@ -86,9 +86,20 @@ def test_bad_fields_are_rejected(changes, match):
 
 
 def test_scorings_are_the_engine_rules():
-    assert SCORINGS == ("fitprune", "fastv", "random")
+    from fitprune.recipe import INPUT_SCORINGS, LAYER_SCORINGS
+
+    assert set(SCORINGS) == set(LAYER_SCORINGS) | set(INPUT_SCORINGS)
     for s in SCORINGS:
-        assert Recipe((0.5,), scoring=s).scoring == s
+        if s in LAYER_SCORINGS:
+            assert Recipe((0.5,), scoring=s).scoring == s
+        else:
+            with pytest.raises(RecipeError, match="before the language model only"):
+                Recipe((0.5,), scoring=s)
+        if s in INPUT_SCORINGS:
+            assert Recipe((0.0,), scoring=s, input_fraction=0.5).input_count(10) == 5
+        else:
+            with pytest.raises(RecipeError, match="select before the language model"):
+                Recipe((0.0,), scoring=s, input_fraction=0.5)
 
 
 def test_num_layers_and_is_noop():

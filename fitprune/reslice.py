@@ -1,0 +1,70 @@
+"""Re-slicing what a decoder layer receives to the tokens still alive (pure functions, DESIGN §3).
+
+After a pruning layer the sequence is *compressed*: slot ``j`` of sample ``b`` holds the token at
+original position ``idx[b, j]``, and ``valid[b, j]`` is False on the slots that only left-pad a
+ragged batch. Every later layer needs its attention mask and its RoPE cos/sin for those slots, in
+prefill and in each decode step against the shortened caches. Masks come in every form
+transformers passes: None (plain causal), a 4D bool (True = attend) or additive float mask, or a 2D
+FlashAttention padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["decode_mask", "gather_seq", "mask_fill", "prefill_mask"]
+
+
+def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D)."""
+    lead = t.shape[:-3]
+    bsz, lc = idx.shape
+    t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
+    index = idx[..., None].expand(*lead, bsz, lc, t.shape[-1])
+    return torch.gather(t, -2, index)
+
+
+def mask_fill(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def prefill_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool):
+    """Re-slice a prefill attention mask to the alive slots (rows and columns)."""
+    bsz, lc = idx.shape
+    device = idx.device
+    if mask is None and all_valid:
+        return None  # still plain causal in compressed order: SDPA keeps is_causal
+    eye = torch.eye(lc, dtype=torch.bool, device=device)[None]
+    if mask is None:
+        allowed = torch.tril(torch.ones(lc, lc, dtype=torch.bool, device=device))[None] & valid[:, None, :]
+        return (allowed | (eye & ~valid[:, :, None]))[:, None]
+    if mask.dim() == 2:  # FlashAttention: (B, L) padding mask
+        return mask.gather(1, idx) * valid.to(mask.dtype)
+    m = mask.expand(bsz, *mask.shape[1:])
+    b = torch.arange(bsz, device=device)[:, None, None]
+    m = m[b, 0, idx[:, :, None], idx[:, None, :]]  # (B, Lc, Lc)
+    m = mask_fill(m, valid[:, None, :] | (eye & ~valid[:, :, None]))
+    return m[:, None]
+
+
+def decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool, input_len: int, q_len: int,
+                 kv_len: int):
+    """Mask for a decode step at a layer whose prefill cache holds only the slots ``idx``."""
+    bsz, lc = idx.shape
+    device = idx.device
+    n_new = kv_len - input_len
+    if mask is None:
+        if all_valid:
+            return None
+        old = valid[:, None, :].expand(bsz, q_len, lc)
+        rows = torch.arange(q_len, device=device)[:, None] + (n_new - q_len)
+        new = (torch.arange(n_new, device=device)[None, :] <= rows)[None].expand(bsz, -1, -1)
+        return torch.cat([old, new], dim=-1)[:, None]
+    if mask.dim() == 2:
+        return torch.cat([mask[:, :input_len].gather(1, idx) * valid.to(mask.dtype), mask[:, input_len:]], 1)
+    m = mask.expand(bsz, *mask.shape[1:])
+    index = idx[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], lc)
+    old = mask_fill(torch.gather(m[..., :input_len], -1, index), valid[:, None, None, :])
+    return torch.cat([old, m[..., input_len:]], dim=-1)
