@@ -19,7 +19,10 @@ from numbers import Integral, Real
 from .flops import ModelDims, recipe_reduction
 from .recipe import Recipe, RecipeError
 
-__all__ = ["fastv", "for_budget", "pyramid", "random_recipe", "uniform"]
+__all__ = ["VISIONZIP_CONTEXTUAL", "dart", "divprune", "fastv", "for_budget", "pyramid", "random_recipe", "uniform",
+           "visionzip"]
+
+VISIONZIP_CONTEXTUAL = 10 / 64  # share of the kept tokens that VisionZip merges (54 dominant + 10 contextual of 64)
 
 
 def _check_layers(num_layers: int) -> int:
@@ -51,6 +54,34 @@ def fastv(num_layers: int, *, layer: int = 2, ratio: float = 0.5, family: str | 
     return Recipe(
         tuple(fractions), scoring="fastv", method="fastv", family=family, metadata={"K": int(layer), "R": r}
     )
+
+
+def dart(num_layers: int, *, layer: int = 2, ratio: float = 0.5, family: str | None = None) -> Recipe:
+    """DART (arXiv 2502.11494): drop ``ratio`` of the visual tokens at layer ``K = layer`` (default 2), keeping
+    the pivots and the tokens least duplicated with them (:func:`fitprune.selection.dart_drops`)."""
+    recipe = fastv(num_layers, layer=layer, ratio=ratio, family=family)
+    return recipe.with_updates(scoring="dart", method="dart")
+
+
+def divprune(num_layers: int, *, ratio: float, family: str | None = None) -> Recipe:
+    """DivPrune (arXiv 2503.02175): remove ``ratio`` of the visual tokens before the language model, keeping
+    a max-min diverse subset of their embeddings (:func:`fitprune.selection.divprune_keep`)."""
+    n = _check_layers(num_layers)
+    r = _check_fraction("DivPrune ratio", ratio)
+    return Recipe((0.0,) * n, scoring="divprune", method="divprune", family=family, input_fraction=r,
+                  metadata={"R": r})
+
+
+def visionzip(num_layers: int, *, ratio: float, contextual: float = VISIONZIP_CONTEXTUAL,
+              family: str | None = None) -> Recipe:
+    """VisionZip (arXiv 2412.04467): remove ``ratio`` of the visual tokens before the language model; of the
+    kept ones a share ``contextual`` are merged tokens, the rest dominant by the vision tower's CLS attention
+    (:func:`fitprune.selection.visionzip_select`). The recipe says it changes token values (``merge_fraction``)."""
+    n = _check_layers(num_layers)
+    r = _check_fraction("VisionZip ratio", ratio)
+    c = _check_fraction("VisionZip contextual share", contextual)
+    return Recipe((0.0,) * n, scoring="visionzip", method="visionzip", family=family, input_fraction=r,
+                  merge_fraction=(1.0 - r) * c, metadata={"R": r, "contextual": c})
 
 
 def uniform(

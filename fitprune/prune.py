@@ -83,6 +83,7 @@ class _Prefill:
         self.deferred: dict[int, tuple[torch.Tensor, list[int]]] = {}  # DART layer -> (keys, counts) until its MLP
         self.decode_views: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # layer -> full-length cache view
         self.initial_visual: list[int] = list(self.alive_visual)  # per sample, visual tokens of the prompt
+        self.initial_real: list[int] = list(self.alive_real)  # per sample, non-padding tokens of the prompt
         self.cache = None  # the KV cache of this prefill (seen by layer 0), when a pre-LLM recipe pads it
         self.static = False  # True: the device tensors are a CUDA graph's, overwritten by its next replay
 
@@ -564,4 +565,4 @@ class Pruner:
             return rows(positions[-1]) if -1 in positions else [[] for _ in range(bsz)]
 
         return PruneReport(attn_real, mlp_real, attn_vis, mlp_vis, kept, dropped, n_visual=state.initial_visual,
-                           dropped_input_fn=dropped_input)
+                           dropped_input_fn=dropped_input, input_tokens=state.initial_real)

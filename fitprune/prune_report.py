@@ -14,18 +14,20 @@ class PruneReport:
     ``mlp_tokens[b, l]`` tokens its MLP ran on (= those left after its pruning);
     ``attn_visual`` / ``mlp_visual`` the visual part of those; ``kept[b, p]`` whether input
     position p survived every layer; ``dropped[b][l]`` original positions dropped after layer l;
-    ``dropped_input[b]`` those a pre-LLM recipe removed before layer 0; ``n_visual[b]`` the visual
-    tokens of the prompt (before any pruning). The counts are bookkept on the host; ``kept`` and ``dropped`` are copied from the device only
+    ``dropped_input[b]`` those a pre-LLM recipe removed before layer 0; ``n_visual[b]`` / ``input_tokens[b]``
+    the visual / non-padding tokens of the prompt (before any pruning). The counts are bookkept on the host; ``kept`` and ``dropped`` are copied from the device only
     when read, so the forward itself never waits for them.
     """
 
     def __init__(self, attn_tokens, mlp_tokens, attn_visual, mlp_visual, kept_fn, dropped_fn, n_visual=None,
-                 dropped_input_fn=None):
+                 dropped_input_fn=None, input_tokens=None):
         self.attn_tokens = np.asarray(attn_tokens, dtype=np.int64)
         self.mlp_tokens = np.asarray(mlp_tokens, dtype=np.int64)
         self.attn_visual = np.asarray(attn_visual, dtype=np.int64)
         self.mlp_visual = np.asarray(mlp_visual, dtype=np.int64)
         self.n_visual = (self.attn_visual[:, 0] if n_visual is None else np.asarray(n_visual, dtype=np.int64)).copy()
+        self.input_tokens = (self.attn_tokens[:, 0] if input_tokens is None
+                             else np.asarray(input_tokens, dtype=np.int64)).copy()
         self._kept_fn, self._dropped_fn = kept_fn, dropped_fn
         self._dropped_input_fn = dropped_input_fn or (lambda: [[] for _ in range(len(self.n_visual))])
         self._kept = self._dropped = self._dropped_input = None

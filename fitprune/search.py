@@ -36,14 +36,17 @@ import numpy as np
 from torch import nn
 
 from .alpha_walk import Prepared
-from .baselines import pyramid
+from .baselines import divprune, pyramid, visionzip
 from .calibration import CalibrationStats
 from .cost import TokenCounts
 from .divergence import Divergence, NonFiniteDivergence, Reference, divergence, reference
 from .fit import fit
 from .flops import ModelDims
 from .recipe import Recipe
-from .search_space import SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, seed_pool, split_batches
+from .search_space import (SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, project_input, seed_pool,
+                           split_batches)
+
+INPUT_BASELINES = {"divprune": divprune, "visionzip": visionzip}  # baselines that select before the language model
 
 __all__ = ["SCORINGS", "Candidate", "RecipeSearch", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
 
@@ -86,7 +89,7 @@ class _Evaluator:
         """Measure ``c`` on ``split`` (``recipe``: the exact recipe to run, e.g. a random one with its seed)."""
         recipe = recipe if recipe is not None else c.recipe()
         key = (split, recipe.scoring, recipe.seed if recipe.scoring == "random" else None,
-               tuple(recipe.drop_counts(self.n_ref)))
+               tuple(recipe.drop_counts(self.n_ref)), recipe.input_count(self.n_ref), recipe.merge_count(self.n_ref))
         if key not in self.cache:
             self.cache[key] = divergence(self.model, self.batches[split], recipe, self.refs[split])
             self.passes += 1
@@ -144,7 +147,8 @@ class RecipeSearch:
                 "tokens": self.config.tokens}
 
     def baseline(self, name: str, budget: float) -> Recipe:
-        """``"fastv"`` (K = 2, its own scoring) or ``"pyramid"`` (PDrop's stages, FastV scoring), matched to
+        """``"fastv"`` (K = 2, its own scoring), ``"dart"`` (K = 2, DART's duplication rule), ``"pyramid"``
+        (PDrop's stages, FastV scoring), or the pre-LLM ``"divprune"`` and ``"visionzip"``, matched to
         ``budget`` on the calibration token counts exactly as the search's seeds are.
 
         A budget the baseline's shape cannot reach (even dropping every visual token at its first
@@ -152,9 +156,12 @@ class RecipeSearch:
         warning, as the search does for a budget no candidate meets."""
         L = self.dims.num_layers
         shapes = {"fastv": (one_hot(L, {1: 1.0}), "fastv", {"K": 2}),
+                  "dart": (one_hot(L, {1: 1.0}), "dart", {"K": 2}),
                   "pyramid": (pyramid(L, keep=0.5).drop_fractions, "fastv", {"stages": pyramid(L).metadata["stages"]})}
+        if name in INPUT_BASELINES:
+            return self._input_baseline(name, budget)
         if name not in shapes:
-            raise ValueError(f"unknown baseline {name!r}; known: {', '.join(shapes)}")
+            raise ValueError(f"unknown baseline {name!r}; known: {', '.join([*shapes, *INPUT_BASELINES])}")
         shape, scoring, meta = shapes[name]
         p = project(shape, self.counts, budget)
         feasible = p is not None
@@ -169,6 +176,19 @@ class RecipeSearch:
                       budget=budget, flops_convention=self.convention,
                       metadata={**meta, "predicted_reduction": p[1], "matched_on": self.stats.calib_id,
                                 "feasible": feasible})
+
+    def _input_baseline(self, name: str, budget: float) -> Recipe:
+        """A pre-LLM baseline (DivPrune, VisionZip) with the least input fraction that meets ``budget``."""
+        p = project_input(self.counts, budget)
+        feasible = p is not None
+        if not feasible:  # only a prompt without visual tokens could be cheaper: remove them all
+            p = (1.0, self.counts.reduction([0.0] * self.dims.num_layers, 1.0))
+            warnings.warn(f"budget {budget:g} is out of reach for {name}: removing every visual token before layer 0 "
+                          f"removes {p[1]:.4f} of the prefill; returning that recipe with feasible=False", stacklevel=3)
+        recipe = INPUT_BASELINES[name](self.dims.num_layers, ratio=p[0], family=self.family)
+        return recipe.with_updates(checkpoint=self.stats.checkpoint, budget=budget, flops_convention=self.convention,
+                                   metadata={**recipe.metadata, "predicted_reduction": p[1],
+                                             "matched_on": self.stats.calib_id, "feasible": feasible})
 
     def measure(self, recipe: Recipe) -> dict:
         """The recipe's divergence on both splits and its FLOPs reduction measured on all calibration samples."""

@@ -20,7 +20,8 @@ from .cost import FEASIBLE_EPS, TokenCounts, trim_counts
 from .divergence import Divergence
 from .recipe import Recipe
 
-__all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "project", "seed_pool", "split_batches"]
+__all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "project", "project_input", "seed_pool",
+           "split_batches"]
 
 SCORINGS = ("fitprune", "fastv")
 
@@ -161,6 +162,27 @@ def project(shape: Sequence[float], counts: TokenCounts, budget: float) -> tuple
     grid, _ = trim_counts(grid, lambda c: counts.reduction([x / n_ref for x in c]) >= budget - FEASIBLE_EPS)
     f = tuple(x / n_ref for x in grid)
     return f, counts.reduction(f)
+
+
+def project_input(counts: TokenCounts, budget: float) -> tuple[float, float] | None:
+    """The least ``input_fraction`` (tokens removed before layer 0) whose predicted reduction meets ``budget``.
+
+    On the grid of the largest visual count (``k / n_ref``), by bisection over ``k``. Returns
+    ``(input_fraction, predicted reduction)``, or ``None`` when removing every visual token falls short.
+    """
+    zeros = [0.0] * counts.num_layers
+    n_ref = int(counts.n_visual.max())
+    meets = lambda k: counts.reduction(zeros, k / n_ref) >= budget - FEASIBLE_EPS  # noqa: E731
+    if n_ref == 0 or not meets(n_ref):
+        return None
+    lo, hi = 0, n_ref  # meets(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi / n_ref, counts.reduction(zeros, hi / n_ref)
 
 
 # -- seeds and moves -------------------------------------------------------------------------------

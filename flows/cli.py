@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
     sweep.add_argument("--budgets", type=_floats, default=None, help="FLOPs fractions to remove (default 0.5,0.7)")
     sweep.add_argument("--methods", type=_names, default=None,
-                       help="of fitprune,fitprune-paper,fastv,pyramid,random; default fitprune,fitprune-paper,fastv,random")
+                       help="of fitprune,fitprune-paper,fastv,pyramid,dart,divprune,visionzip,random (visionzip: "
+                            "LLaVA-1.5 layout only); default fitprune,fitprune-paper,fastv,random")
     sweep.add_argument("--search", choices=("auto", "small", "full"), default=None,
                        help="width of fitprune's divergence search (default auto: small on a CPU, full on a GPU)")
     sweep.add_argument("--calib-samples", type=int, default=None, help="default 16 (64 with --device cuda)")

@@ -14,6 +14,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from tasks import steps as plain_steps
+from tasks.recipes import check_methods
 from tasks.steps import DEFAULT_METHODS, METHODS, SEARCH_SIZES
 
 DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
@@ -158,6 +159,7 @@ def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool =
     try:
         _log(steps.describe_model(spec))
         info = steps.model_info(spec, root)
+        check_methods(config.methods, info["family"])  # before any statistics: a method the model cannot run
         checkpoint = info["checkpoint"]
         calib = steps.calibration_set(config.n_calib, config.seed, "calib", config.source, root)
         eval_sets = {b: steps.calibration_set(config.n_eval, config.seed + 1, "eval", b, root) for b in config.benchmarks}

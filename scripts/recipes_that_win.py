@@ -6,8 +6,8 @@
 
 On the demo model: for each calibration source (synthetic train, easy-VQA train) it collects the
 unpruned statistics, runs the divergence search (``fitprune``) and the authors' α-walk
-(``fitprune-paper``) for every budget, matches FastV (K = 2), the PDrop-style pyramid and random
-pruning (``fitprune``'s schedule) to the same budgets, and evaluates every recipe and the unpruned
+(``fitprune-paper``) for every budget, matches FastV (K = 2), the PDrop-style pyramid, DART (K = 2),
+the pre-LLM DivPrune and VisionZip, and random pruning (``fitprune``'s schedule) to the same budgets, and evaluates every recipe and the unpruned
 model on the synthetic test split and easy-VQA test (harness: batched greedy generation, exact
 match). ``fitprune-transfer`` is the search fitted on the *other* task's calibration set.
 
@@ -15,7 +15,9 @@ Reported per benchmark and budget: accuracy, the paired difference against the u
 with its standard error, accuracy retained, measured FLOPs reduction, and each recipe's
 divergence on the in-task calibration set's held-out part; then the Spearman rank agreement
 between divergence and accuracy, and how much of the in-task gain over the best baseline the
-transferred fit keeps. Everything is written to ``<out>/recipes_that_win.json`` after every step
+transferred fit keeps. FLOPs are measured from the executed token counts under both the full
+convention (all tokens) and the authors' (visual tokens only). A resumed file whose fits lack a
+newer baseline gets it matched and evaluated (the rest is reused). Everything is written to ``<out>/recipes_that_win.json`` after every step
 (rerun with ``--resume`` to continue a cut-off run) and the tables to ``<out>/recipes_that_win.md``.
 ``--seven-b`` also times the search per budget on the LLaVA-1.5-7B geometry (random weights).
 """
@@ -41,8 +43,10 @@ from fitprune.fit import fit  # noqa: E402
 from fitprune.search import RecipeSearch, SearchConfig  # noqa: E402
 
 TASKS = {"synthetic": "synthetic test", "easy_vqa": "easy-VQA test"}
-METHODS = ("fitprune", "fitprune-transfer", "fitprune-paper", "fastv", "pyramid", "random")
-BASELINES = ("fastv", "pyramid", "random")
+METHODS = ("fitprune", "fitprune-transfer", "fitprune-paper", "fastv", "pyramid", "dart", "divprune", "visionzip",
+           "random")
+MATCHED = ("fastv", "pyramid", "dart", "divprune", "visionzip")  # baselines matched to each budget on calibration
+BASELINES = (*MATCHED, "random")
 
 
 def log(msg: str) -> None:
@@ -125,6 +129,13 @@ def fit_task(task: str, model, dims, encoder, args, state: State) -> RecipeSearc
     done = state.data["fits"].get(task)
     if done and all(str(b) in done["recipes"] for b in args.budgets):
         log(f"{task}: recipes from the resumed file")
+        for b in args.budgets:  # baselines added after the file was written
+            have = done["recipes"][str(b)]
+            for name in (m for m in MATCHED if m not in have):
+                r = searcher.baseline(name, b)
+                have[name] = {"recipe": r.to_dict(), "calibration": searcher.measure(r)}
+                log(f"{task} {b}: {name} matched ({r.metadata['predicted_reduction']:.3f} predicted)")
+        state.save()
         return searcher
     t0 = time.perf_counter()
     paper = fit(stats, args.budgets, dims, family="llava")
@@ -137,11 +148,8 @@ def fit_task(task: str, model, dims, encoder, args, state: State) -> RecipeSearc
     for b, res, pap in zip(args.budgets, results, paper):
         row = {"fitprune": res.recipe, "fitprune-paper": pap.recipe.with_updates(method="fitprune-paper"),
                "random": random_recipe(res.recipe, seed=0)}
-        for name in ("fastv", "pyramid"):
-            try:
-                row[name] = searcher.baseline(name, b)
-            except ValueError as err:
-                log(f"{task} {b}: {name} skipped ({err})")
+        for name in MATCHED:
+            row[name] = searcher.baseline(name, b)
         recipes[str(b)] = {m: {"recipe": r.to_dict(), "calibration": searcher.measure(r)} for m, r in row.items()}
         recipes[str(b)]["search"] = {"seconds": res.seconds, "evaluations": res.evaluations, "origin": res.origin,
                                      "best_seed": res.best_seed, "feasible": res.feasible,
@@ -165,10 +173,14 @@ def evaluate(task: str, label: str, recipe: Recipe | None, model, encoder, sampl
     scores = [sample_score(p, "exact_match") for p in preds]
     ran = [p for p in preds if p.prefill_flops is not None]
     full = sum(p.prefill_flops_full for p in ran)
+    paper = [p for p in ran if p.prefill_flops_paper is not None]
+    paper_full = sum(p.prefill_flops_paper_full for p in paper)
     evals[label] = {"correct": "".join("1" if s else "0" for s in scores),
                     "n_failed": sum(p.error is not None for p in preds),
                     "accuracy": float(np.mean([bool(s) for s in scores])),
                     "flops_reduction": 1.0 - sum(p.prefill_flops for p in ran) / full if full else 0.0,
+                    "flops_reduction_paper": (1.0 - sum(p.prefill_flops_paper for p in paper) / paper_full
+                                              if paper_full else None),
                     "seconds": time.perf_counter() - t0}
     state.save()
     log(f"{task} {label}: {evals[label]['accuracy']:.4f} (−{evals[label]['flops_reduction']:.3f} FLOPs) "
@@ -196,10 +208,12 @@ def run_demo(args, state: State) -> None:
         evaluate(task, "unpruned", None, model, encoder, samples, args, state)
         for b in args.budgets:
             fits = state.data["fits"][task]["recipes"][str(b)]
-            jobs = [(m, fits[m]) for m in ("fitprune", "fitprune-paper", "fastv", "pyramid", "random") if m in fits]
+            jobs = [(m, fits[m]) for m in ("fitprune", "fitprune-paper", *BASELINES) if m in fits]
             jobs.append(("fitprune-transfer", state.data["fits"][other[task]]["recipes"][str(b)]["fitprune"]))
             for method, entry in jobs:
                 recipe = Recipe.from_dict(entry["recipe"])
+                if recipe.metadata.get("feasible") is False:  # the shape cannot reach the budget: not compared
+                    continue
                 label = f"{method}@{b:g}"
                 evaluate(task, label, recipe, model, encoder, samples, args, state)
                 div = state.data.setdefault("divergence", {}).setdefault(task, {})
@@ -268,7 +282,8 @@ def tables(data: dict) -> str:
         base = np.array([c == "1" for c in evals["unpruned"]["correct"]], float)
         n = len(base)
         lines.append(f"\n**{title}** (n = {n}; unpruned {base.mean():.3f}; Δ = paired difference against the unpruned "
-                     "model, points ± standard error; KL = divergence on the in-task calibration set's held-out part)\n")
+                     "model, points ± standard error; accuracy retained; FLOPs removed, full convention / authors' "
+                     "convention where recorded; KL = divergence on the in-task calibration set's held-out part)\n")
         lines.append("| method | " + " | ".join(f"−{100 * b:.0f} % FLOPs" for b in budgets) + " |")
         lines.append("|---|" + "---|" * len(budgets))
         div = data.get("divergence", {}).get(task, {})
@@ -283,8 +298,10 @@ def tables(data: dict) -> str:
                 d = x - base
                 se = d.std(ddof=1) / np.sqrt(n)
                 kl = div.get(f"{method}@{b:g}", {}).get("divergence")
+                paper = e.get("flops_reduction_paper")
+                flops = f"−{100 * e['flops_reduction']:.1f} %" + ("" if paper is None else f" / −{100 * paper:.1f} %")
                 cells.append(f"{x.mean():.3f} ({100 * d.mean():+.1f} ± {100 * se:.1f}; {100 * x.mean() / base.mean():.1f} %;"
-                             f" −{100 * e['flops_reduction']:.1f} %; KL {kl:.3f})" if kl is not None else
+                             f" {flops}; KL {kl:.3f})" if kl is not None else
                              f"{x.mean():.3f} ({100 * d.mean():+.1f} ± {100 * se:.1f})")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         cells = []  # the fitted recipe against the best baseline at each budget, paired on the same samples

@@ -203,6 +203,10 @@ TABLES: dict[str, Table] = {
                 Column("eval_content_hash", _S, "Content hash of that sample set when the shard ran.", nullable=True),
                 Column("prefill_flops_full", _F64, "Mean prefill FLOPs per sample of the same prompts unpruned.",
                        nullable=True),
+                Column("prefill_flops_paper", _F64, "Mean prefill FLOPs per sample under the authors' convention "
+                       "(visual tokens only), from executed token counts.", nullable=True),
+                Column("prefill_flops_paper_full", _F64, "The same prompts unpruned, authors' convention.",
+                       nullable=True),
             ),
         ),
         Table(
@@ -230,6 +234,10 @@ TABLES: dict[str, Table] = {
                 Column("prefill_flops_full", _F64, "Prefill FLOPs of the same prompt unpruned.", nullable=True),
                 _created_at(),
                 Column("eval_set", _S, "Sample set evaluated (calibration_sets.calib_id).", nullable=True),
+                Column("prefill_flops_paper", _F64, "Prefill FLOPs under the authors' convention (visual tokens "
+                       "only), from the executed token counts.", nullable=True),
+                Column("prefill_flops_paper_full", _F64, "The same prompt unpruned, authors' convention.",
+                       nullable=True),
             ),
         ),
         Table(

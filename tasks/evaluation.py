@@ -20,7 +20,8 @@ import torch
 
 import fitprune
 from fitprune import Recipe
-from fitprune.evaluation.harness import Prediction, generate_answers, sample_score, to_rows
+from fitprune.adapters import get_adapter
+from fitprune.evaluation.harness import PAPER, Prediction, generate_answers, sample_score, to_rows
 from fitprune.flops import ModelDims, prefill_flops
 from storage import store
 
@@ -51,19 +52,25 @@ def agreement_predictions(model, batches, recipe: Recipe | None, reference: list
             tokens = _next_tokens(model, batch)
             lengths = [int(n) for n in batch["attention_mask"].sum(1)]
             pruned = [prefill_flops(dims, [n] * L) for n in lengths]
-            kept = visual = [None] * len(lengths)
+            visual = [int(n) for n in get_adapter(model).visual_mask(model, batch["input_ids"]).sum(1)]
+            paper = [prefill_flops(dims, [v] * L, convention=PAPER) for v in visual]
+            kept = visual
         else:
             with fitprune.apply(model, recipe):
                 tokens = _next_tokens(model, batch)
                 report = fitprune.last_report(model)
             pruned = report.flops(dims, "full").tolist()
-            lengths = [int(n) for n in report.attn_tokens[:, 0]]
-            visual, kept = report.attn_visual[:, 0].tolist(), report.mlp_visual[:, -1].tolist()
+            lengths = [int(n) for n in report.input_tokens]
+            visual, kept = report.n_visual.tolist(), report.mlp_visual[:, -1].tolist()
+            paper = report.flops(dims, PAPER).tolist()
         for i, sid in enumerate(batch["sample_ids"]):
             preds.append(Prediction(sample_id=str(sid), question="", prediction=str(int(tokens[i])),
                                     answers=[str(int(ref[i]))], visual_tokens=visual[i], visual_kept=kept[i],
                                     prefill_flops=float(pruned[i]),
-                                    prefill_flops_full=float(prefill_flops(dims, [lengths[i]] * L))))
+                                    prefill_flops_full=float(prefill_flops(dims, [lengths[i]] * L)),
+                                    prefill_flops_paper=float(paper[i]),
+                                    prefill_flops_paper_full=float(prefill_flops(dims, [visual[i]] * L,
+                                                                                 convention=PAPER))))
     return preds
 
 
@@ -108,12 +115,15 @@ def evaluate_shard(spec, info: dict, eval_set: dict, recipe_id: str, start: int,
     scored = [s for s in scores if s is not None]
     ran = [p for p in preds if p.prefill_flops is not None]
     pruned, full = sum(p.prefill_flops for p in ran), sum(p.prefill_flops_full for p in ran)
+    paper = [p for p in ran if p.prefill_flops_paper is not None and p.prefill_flops_paper_full is not None]
     row = dict(run_id=run_id, recipe_id=recipe_id, checkpoint=info["checkpoint"], method=method, benchmark=benchmark,
                n_samples=len(preds), n_failed=len(preds) - len(scored), metric_name=metric,
                metric=sum(scored) / len(scored) if scored else 0.0,
                flops_reduction=1.0 - pruned / full if full else 0.0,
                prefill_flops=pruned / len(ran) if ran else 0.0,
                prefill_flops_full=full / len(ran) if ran else None,
+               prefill_flops_paper=sum(p.prefill_flops_paper for p in paper) / len(paper) if paper else None,
+               prefill_flops_paper_full=sum(p.prefill_flops_paper_full for p in paper) / len(paper) if paper else None,
                wall_s=wall, shard=shard, versions=versions(), eval_set=eval_set["id"],
                eval_content_hash=eval_set.get("content_hash"))
     store.write_rows("evaluations", [row], root=root, write_id=write_id)

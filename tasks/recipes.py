@@ -25,16 +25,28 @@ from .models import LOCK, load_model, normalize_spec
 from .samples import load_samples
 from .statistics import read_stats
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "SEARCH_SIZES", "fit_budgets", "load_recipe", "method_recipes",
+__all__ = ["DEFAULT_METHODS", "METHODS", "SEARCH_SIZES", "check_methods", "fit_budgets", "load_recipe", "method_recipes",
            "recipe_id", "recipe_row", "search_config"]
 
-METHODS = ("fitprune", "fitprune-paper", "fastv", "pyramid", "random")
+METHODS = ("fitprune", "fitprune-paper", "fastv", "pyramid", "dart", "divprune", "visionzip", "random")
 DEFAULT_METHODS = ("fitprune", "fitprune-paper", "fastv", "random")
 SEARCH_SIZES = ("auto", "small", "full")
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+FAMILY_LIMITS = {"visionzip": ("llava",)}  # methods that need a model layout only some families have
+
+
+def check_methods(methods, family: str) -> None:
+    """Refuse, before any work, a method the model's family cannot run (VisionZip needs LLaVA-1.5's layout)."""
+    bad = [m for m in methods if family not in FAMILY_LIMITS.get(m, (family,))]
+    if bad:
+        raise ValueError(f"method(s) {bad} cannot run on a {family!r} model: "
+                         + "; ".join(f"{m} supports {', '.join(FAMILY_LIMITS[m])}" for m in bad)
+                         + ". Leave them out of --methods for this model.")
 
 
 def search_config(size: str, device: str):
@@ -60,7 +72,7 @@ def method_recipes(method: str, budgets, fitted: dict, searcher) -> list[Recipe]
             recipe = fitted[budget].recipe
         elif method == "fitprune-paper":
             recipe = fitted[("paper", budget)].recipe.with_updates(method="fitprune-paper")
-        elif method in ("fastv", "pyramid"):
+        elif method in ("fastv", "pyramid", "dart", "divprune", "visionzip"):
             recipe = searcher.baseline(method, budget)
         elif method == "random":
             recipe = random_recipe(fitted[budget].recipe, seed=0)
@@ -140,6 +152,7 @@ def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, 
                          "searches recipes by their output divergence on the calibration samples")
     if convention != "full":
         raise ValueError(f"the sweep measures FLOPs from executed token counts ('full' convention), not {convention!r}")
+    check_methods(methods, info["family"])
     budgets, methods = [float(b) for b in budgets], list(methods)
     write_id = f"{run_id}-recipes"
     if store.part_exists("recipes", write_id, root):

@@ -327,7 +327,8 @@ def test_to_rows_for_parquet():
     rows = to_rows(preds, run_id="r1", budget=0.6)
     assert rows[0] == {"sample_id": "id", "question": "q", "prediction": "cat", "answers": ["cat", "kitty"],
                        "choices": None, "error": None, "visual_tokens": None, "visual_kept": None,
-                       "prefill_flops": None, "prefill_flops_full": None, "run_id": "r1", "budget": 0.6}
+                       "prefill_flops": None, "prefill_flops_full": None, "prefill_flops_paper": None,
+                       "prefill_flops_paper_full": None, "run_id": "r1", "budget": 0.6}
     table = pa.Table.from_pylist(rows)
     assert table.column("answers").type == pa.list_(pa.string()) and table.num_rows == 2
     with pytest.raises(ValueError, match="collide"):

@@ -33,7 +33,7 @@ def measured_reduction(model, batches, recipe, dims) -> float:
                 model(**{k: v for k, v in batch.items() if k != "sample_ids"})
             report = fitprune.last_report(model)
             pruned += report.flops(dims).sum()
-            full += sum(prefill_flops(dims, [int(n)] * dims.num_layers) for n in report.attn_tokens[:, 0])
+            full += sum(prefill_flops(dims, [int(n)] * dims.num_layers) for n in report.input_tokens)
     return 1.0 - pruned / full
 
 

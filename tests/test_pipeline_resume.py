@@ -218,7 +218,7 @@ def _table_rows(stdout: str) -> dict:
     for line in lines[start + 1:]:
         if not line.strip():
             break
-        bench, method, budget, flops, metric, _pm, _se, n, _failed, _s = line.split()
+        bench, method, budget, flops, _paper, metric, _pm, _se, n, _failed, _s = line.split()
         out[(bench, method, budget)] = (flops, metric, int(n))
     return out
 

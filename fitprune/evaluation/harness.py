@@ -30,6 +30,8 @@ from ..adapters import get_adapter
 from ..apply import apply as _apply
 from ..apply import last_report
 from ..flops import prefill_flops
+
+PAPER = "fitprune-paper"  # the authors' FLOPs convention (visual tokens only), recorded next to "full"
 from .metrics import exact_match, multiple_choice_accuracy, parse_yes_no, pope_metrics, vqa_accuracy
 
 __all__ = ["METRICS", "DemoEncoder", "Encoder", "HFEncoder", "Prediction", "collate", "format_question",
@@ -39,7 +41,7 @@ __all__ = ["METRICS", "DemoEncoder", "Encoder", "HFEncoder", "Prediction", "coll
 SEQUENCE_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0, "token_type_ids": 0}
 METRICS = ("exact_match", "multiple_choice", "pope", "vqa_accuracy")
 ROW_COLUMNS = ("sample_id", "question", "prediction", "answers", "choices", "error", "visual_tokens",
-               "visual_kept", "prefill_flops", "prefill_flops_full")
+               "visual_kept", "prefill_flops", "prefill_flops_full", "prefill_flops_paper", "prefill_flops_paper_full")
 _CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."  # LLaVA's eval prompt
 
 
@@ -59,7 +61,9 @@ class Prediction:
     last decoder layer of the prefill (measured from :func:`fitprune.last_report`; equal to
     ``visual_tokens`` when no recipe is applied, None when not measured). ``prefill_flops``: the
     prefill's FLOPs from the executed per-layer token counts (``fitprune.flops``, "full" convention);
-    ``prefill_flops_full``: the same prompt's FLOPs unpruned.
+    ``prefill_flops_full``: the same prompt's FLOPs unpruned. ``prefill_flops_paper`` /
+    ``prefill_flops_paper_full``: the same under the authors' convention (visual tokens only), where
+    a method that selects before the language model shows what it removes from the hand-off.
     """
 
     sample_id: str
@@ -72,6 +76,8 @@ class Prediction:
     visual_kept: int | None = None
     prefill_flops: float | None = None
     prefill_flops_full: float | None = None
+    prefill_flops_paper: float | None = None
+    prefill_flops_paper_full: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -345,16 +351,20 @@ def _run_batch(model, encoder, items: list[_Item], max_new_tokens: int, eos: set
         texts.append(encoder.decode(torch.tensor(row[:stop], dtype=torch.long)).strip())
     report = last_report(model)
     dims = get_adapter(model).dims(model)
-    full = [prefill_flops(dims, [int(n)] * dims.num_layers) for n in batch["attention_mask"].sum(1).tolist()]
+    L = dims.num_layers
+    full = [prefill_flops(dims, [int(n)] * L) for n in batch["attention_mask"].sum(1).tolist()]
+    paper_full = [prefill_flops(dims, [it.visual_tokens] * L, convention=PAPER) for it in items]
     if report is not None and report is not before and report.mlp_visual.shape[0] == len(items):
         kept = [int(v) for v in report.mlp_visual[:, -1]]
         flops = [float(f) for f in report.flops(dims)]
+        paper = [float(f) for f in report.flops(dims, PAPER)]
     else:
         handle = getattr(model, "_fitprune", None)  # fitprune.apply keeps its state here
         stock = handle is None or handle.recipe.is_noop
         kept = [it.visual_tokens if stock else None for it in items]
         flops = full if stock else [None] * len(items)
-    return texts, kept, flops, full
+        paper = paper_full if stock else [None] * len(items)
+    return texts, kept, flops, full, paper, paper_full
 
 
 def generate_answers(model, encoder, samples: Iterable, *, recipe=None, batch_size: int = 8,
@@ -413,7 +423,7 @@ def _generate_into(preds, model, encoder, items, max_new_tokens, eos) -> None:
     if not items:
         return
     try:
-        texts, kept, flops, full = _run_batch(model, encoder, items, max_new_tokens, eos)
+        texts, kept, flops, full, paper, paper_full = _run_batch(model, encoder, items, max_new_tokens, eos)
     except Exception as exc:  # noqa: BLE001  KeyboardInterrupt is not an Exception: it propagates
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # an OOM batch may still fit one sample at a time
@@ -423,9 +433,10 @@ def _generate_into(preds, model, encoder, items, max_new_tokens, eos) -> None:
         for item in items:
             _generate_into(preds, model, encoder, [item], max_new_tokens, eos)
         return
-    for item, text, k, f, f_full in zip(items, texts, kept, flops, full):
+    for item, text, k, f, f_full, fp, fp_full in zip(items, texts, kept, flops, full, paper, paper_full):
         pred = preds[item.index]
         pred.prediction, pred.visual_kept, pred.prefill_flops, pred.prefill_flops_full = text, k, f, f_full
+        pred.prefill_flops_paper, pred.prefill_flops_paper_full = fp, fp_full
 
 
 # --- results --------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
 --   flops_reduction  1 - sum of executed prefill FLOPs / sum of unpruned prefill FLOPs over the
 --                    samples that ran (shard rows without prefill_flops_full: their mean
 --                    reduction weighted by samples that ran);
+--   flops_reduction_paper  the same under the authors' convention (visual tokens only, MACs;
+--                    DESIGN §2), NULL when a shard did not record it (older rows); text tokens are
+--                    never pruned, so every method removes a larger share of it than of the full count;
 --   n_samples, n_scored, n_failed; n_shards; complete: the shards cover the sample set exactly;
 --   eval set facts   source, split, n, seed of the sample set (calibration_sets), content hash;
 --   recipe facts     budget, scoring, alpha, feasible, predicted and calibration-measured reduction,
@@ -50,6 +53,10 @@ combined AS (
                 THEN 1.0 - sum(prefill_flops * n_scored) / sum(prefill_flops_full * n_scored)
             ELSE coalesce(sum(flops_reduction * n_scored) / nullif(sum(n_scored), 0), avg(flops_reduction))
         END AS flops_reduction,
+        CASE
+            WHEN bool_and(prefill_flops_paper_full IS NOT NULL) AND sum(prefill_flops_paper_full * n_scored) > 0
+                THEN 1.0 - sum(prefill_flops_paper * n_scored) / sum(prefill_flops_paper_full * n_scored)
+        END AS flops_reduction_paper,
         coalesce(sum(prefill_flops * n_scored) / nullif(sum(n_scored), 0), avg(prefill_flops)) AS prefill_flops,
         sum(n_samples)::BIGINT AS n_samples,
         sum(n_scored)::BIGINT AS n_scored,
