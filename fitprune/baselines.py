@@ -156,7 +156,7 @@ def random_recipe(schedule: Recipe, seed: int = 0) -> Recipe:
     if not isinstance(schedule, Recipe):
         raise RecipeError(f"random_recipe needs a Recipe to copy the schedule from, got {type(schedule).__name__}")
     meta = {**schedule.metadata, "schedule_method": schedule.method}
-    return schedule.with_updates(scoring="random", method="random", seed=seed, metadata=meta)
+    return schedule.with_updates(scoring="random", method="random", seed=seed, metadata=meta, merge_fraction=0.0)
 
 
 def for_budget(

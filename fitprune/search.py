@@ -218,7 +218,7 @@ class RecipeSearch:
     def _fit_one(self, b: float, extra: list[Recipe]) -> SearchResult:
         config, evaluate, L = self.config, self.evaluate, self.dims.num_layers
         t0, passes0 = time.perf_counter(), evaluate.passes
-        pool = seed_pool(b, L, config, self.counts, self._walks.get(b, []), extra, self.n_ref)
+        pool = seed_pool(b, L, config, self.counts, self._walks.get(b, []), extra, self.n_ref, self.family)
         if not pool:
             return _infeasible(b, L, self.counts, self.family, self.stats, self.convention)
         for c in pool:

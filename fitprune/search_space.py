@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .baselines import pyramid
+from .baselines import VISIONZIP_CONTEXTUAL, pyramid
 from .cost import FEASIBLE_EPS, TokenCounts, trim_counts
 from .divergence import Divergence
 from .recipe import Recipe
@@ -24,6 +24,8 @@ __all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "pr
            "split_batches"]
 
 SCORINGS = ("fitprune", "fastv")
+BASELINE_SEEDS = ("fastv", "pyramid", "dart", "divprune", "visionzip")  # the baselines, each with its own rule
+PRE_LLM = ("divprune", "visionzip")  # baselines that select before the language model
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class SearchConfig:
     moves, which stop once a budget's divergence passes (the seeds' included) reach ``max_evals``.
     ``heldout``: fraction of the calibration batches kept out of the search to decide. ``tokens``: answer positions in the KL.
     ``tolerance``: the decided recipe's measured reduction lies in [budget, budget + tolerance].
+    ``baselines``: the baselines seeded with their own scoring rules (so the search cannot lose to
+    them on the calibration set); ``visionzip`` only on LLaVA-1.5-layout models. Pre-LLM seeds
+    (DivPrune, VisionZip) are decided on like every seed but get no local moves.
     ``refine`` / ``progressive``: also seed with the refined / progressive α-walk (live passes).
     """
 
@@ -54,6 +59,7 @@ class SearchConfig:
     tolerance: float = 0.01
     refine: bool = True
     progressive: bool = False
+    baselines: tuple[str, ...] = BASELINE_SEEDS
 
     @classmethod
     def full(cls, **changes) -> SearchConfig:
@@ -64,13 +70,17 @@ class SearchConfig:
         """The 2-core CPU main job's search: 8 seeds, c·s scoring plus the baselines' own, no local moves
         (about 35 s per budget on the demo model with 8 + 8 calibration samples)."""
         base = cls(first_layers=(2, 4), pyramids=((2, 6),), shares=(0.7,), walk_starts=(0, 2), walk_caps=(None,),
-                   scorings=("fitprune",), finalists=1, rounds=0, max_evals=16, refine=False, progressive=False)
+                   scorings=("fitprune",), finalists=1, rounds=0, max_evals=16, refine=False, progressive=False,
+                   baselines=("fastv", "pyramid", "divprune"))
         return replace(base, **changes)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.scorings if s not in SCORINGS]
         if bad or not self.scorings:
             raise ValueError(f"scorings {list(self.scorings)}: pick one or more of {', '.join(SCORINGS)}")
+        bad = [s for s in self.baselines if s not in BASELINE_SEEDS]
+        if bad:
+            raise ValueError(f"baselines {bad}: pick from {', '.join(BASELINE_SEEDS)}")
         if not 0.0 < self.heldout < 1.0:
             raise ValueError(f"heldout = {self.heldout!r}: the fraction of calibration batches held out, in (0, 1)")
         for name in ("finalists", "max_evals", "tokens"):
@@ -95,14 +105,18 @@ class Candidate:
     heldout: Divergence | None = None
     seed: bool = True
     meta: dict = field(default_factory=dict)
+    input_fraction: float = 0.0  # removed before layer 0 (pre-LLM seeds)
 
     def recipe(self, **fields) -> Recipe:
-        return Recipe(tuple(float(f) for f in self.fractions), scoring=self.scoring, **fields)
+        merge = (1.0 - self.input_fraction) * VISIONZIP_CONTEXTUAL if self.scoring == "visionzip" else 0.0
+        return Recipe(tuple(float(f) for f in self.fractions), scoring=self.scoring, input_fraction=self.input_fraction,
+                      merge_fraction=merge, **fields)
 
     def row(self, n_ref: int) -> dict:
         """A JSON-able summary (drop counts on the ``n_ref`` grid)."""
-        r = Recipe(tuple(self.fractions), scoring=self.scoring)
+        r = self.recipe()
         return {"origin": self.origin, "scoring": self.scoring, "seed": self.seed, "drops": r.drop_counts(n_ref),
+                "input_drops": r.input_count(n_ref),
                 "predicted_reduction": self.predicted,
                 "kl_search": None if self.search is None else self.search.kl,
                 "kl_heldout": None if self.heldout is None else self.heldout.kl,
@@ -217,7 +231,7 @@ def neighbours(c: Candidate, step: float) -> list[tuple[list[float], str, str]]:
     f = list(c.fractions)
     L = len(f)
     nz = [i for i, x in enumerate(f) if x > 0]
-    if not nz:
+    if not nz or c.input_fraction > 0:
         return []
     out = []
     for i in sorted(nz, key=lambda i: -f[i])[:4]:  # the four largest pruning layers
@@ -249,7 +263,7 @@ def neighbours(c: Candidate, step: float) -> list[tuple[list[float], str, str]]:
     return out
 
 
-def seed_pool(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]:
+def seed_pool(budget, L, config, counts, walks, extra, n_ref, family=None) -> list[Candidate]:
     """The distinct seeds of one budget, each on the budget: the α-walk recipes ``walks`` and the
     built-in shapes with every scoring of ``config``, the baselines with their own scoring, and the
     ``extra`` recipes (kept as they are when they already meet the budget within the tolerance)."""
@@ -260,13 +274,24 @@ def seed_pool(budget, L, config, counts, walks, extra, n_ref) -> list[Candidate]
     for shape, name in _shape_seeds(L, config):
         for scoring in config.scorings:
             shapes.append((shape, scoring, name))
-    shapes.append((one_hot(L, {1: 1.0}), "fastv", "FastV K=2"))  # the baselines, with their own scoring
-    shapes.append((pyramid(L, keep=0.5).drop_fractions, "fastv", "PDrop pyramid"))
+    own = {"fastv": (one_hot(L, {1: 1.0}), "fastv", "FastV K=2"),  # the baselines, with their own scoring
+           "pyramid": (pyramid(L, keep=0.5).drop_fractions, "fastv", "PDrop pyramid"),
+           "dart": (one_hot(L, {1: 1.0}), "dart", "DART K=2")}
+    shapes += [own[b] for b in config.baselines if b in own]
     given = len(shapes)
+    pre = [(b, f"{b} (pre-LLM)") for b in config.baselines if b in PRE_LLM and (b != "visionzip" or family == "llava")]
     for r in extra:
-        shapes.append((r.drop_fractions, r.scoring if r.scoring in SCORINGS else "fitprune",
-                       f"given {r.method or 'recipe'}"))
+        if r.input_fraction > 0:
+            pre.append((r.scoring, f"given {r.method or 'recipe'} ({r.scoring})"))
+        else:
+            shapes.append((r.drop_fractions, r.scoring if r.scoring in (*SCORINGS, "dart") else "fitprune",
+                           f"given {r.method or 'recipe'}"))
     pool, seen = [], set()
+    p = project_input(counts, budget) if pre else None
+    for scoring, name in pre if p is not None else []:
+        if ("input", scoring) not in seen:
+            seen.add(("input", scoring))
+            pool.append(Candidate((0.0,) * L, scoring, name, predicted=p[1], input_fraction=p[0]))
     for i, (shape, scoring, name) in enumerate(shapes):
         as_is = counts.reduction(shape) if i >= given else math.nan  # a given recipe that meets the budget stays
         if budget <= as_is <= budget + config.tolerance:

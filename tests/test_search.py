@@ -168,10 +168,13 @@ def test_search_beats_every_seed_on_heldout(searched):
         for c in seeds:
             assert c["kl_heldout"] is not None
             assert r.divergence <= c["kl_heldout"] + 1e-12, c["origin"]
-        for prefix in ("FastV K=2", "PDrop pyramid"):
+        for prefix in ("FastV K=2", "PDrop pyramid", "divprune (pre-LLM)"):
             base = [c for c in seeds if c["origin"].startswith(prefix)]
             assert base, f"no {prefix} seed at budget {r.budget}"
             assert r.divergence <= min(c["kl_heldout"] for c in base) + 1e-12
+        (pre,) = [c for c in seeds if c["origin"].startswith("divprune")]
+        assert pre["input_drops"] > 0 and not any(pre["drops"])  # it selects before layer 0 only
+        assert pre["measured_reduction_search"] >= r.budget - 1e-9
         assert r.divergence <= r.best_seed["divergence"] + 1e-12
 
 
