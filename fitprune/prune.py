@@ -323,6 +323,8 @@ class Pruner:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             q_len = hidden.shape[1]
             kv_len = mask.shape[-1] if mask is not None else cache_of(kwargs).get_seq_length(0)
+            if mask is None and i == 0:  # layer 0 adds this step's tokens in its own attention, after this hook
+                kv_len += q_len
             self._step_masks[key] = decode_mask(mask, idx, valid, all_valid, session.input_len, q_len, kv_len)
         kwargs["attention_mask"] = self._step_masks[key]
         if kwargs.get("position_ids") is not None:

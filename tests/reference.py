@@ -4,7 +4,9 @@ It shares no code with ``fitprune``'s engine: one sample at a time, the language
 layer with **eager** attention and ``attn_weights`` read off the attention module, scores computed
 from the full attention maps, and dropped tokens *physically removed* from the hidden states
 (survivors get cos/sin recomputed from their original position ids). With ``fixed_drops`` it
-replays a given drop schedule instead of scoring (for the cached-vs-uncached decode check).
+replays a given drop schedule instead of scoring (for the cached-vs-uncached decode check). With
+``input_drops`` it removes given positions before layer 0 (pre-LLM methods: DivPrune, VisionZip), and
+``embeds`` replaces the embeddings the language model receives (VisionZip's merged tokens).
 """
 
 from __future__ import annotations
@@ -44,17 +46,21 @@ def capture_lm_inputs(model, inputs: dict) -> dict:
 
 
 def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fitprune", fixed_drops=None,
-                      record=None):
+                      record=None, input_drops=None, embeds=None):
     """Run one unpadded sample. Returns (logits (n_kept, V), kept original positions, dropped per layer).
 
-    drop_counts[l]: tokens to drop after layer l. fixed_drops[l]: original positions to drop instead.
+    drop_counts[l]: tokens to drop after layer l. fixed_drops[l]: original positions to drop instead
+    (drop_counts and fixed_drops both None: nothing is dropped inside the language model).
     record: a list that receives, per layer, {original visual position: (c, s)} of the alive visual
     tokens, computed from the full eager attention map.
+    input_drops: original positions physically removed before layer 0 (their RoPE positions are gone
+    with them; survivors keep theirs). embeds: (1, L, D) embeddings given to the language model in
+    place of the ones the top-level model computes (position ids still come from the model).
     """
     assert inputs["input_ids"].shape[0] == 1
     lm = language_model(model)
     seen = capture_lm_inputs(model, inputs)
-    hidden = seen["inputs_embeds"]
+    hidden = seen["inputs_embeds"] if embeds is None else embeds.to(seen["inputs_embeds"])
     length = hidden.shape[1]
     position_ids = seen.get("position_ids")
     if position_ids is None:
@@ -69,6 +75,13 @@ def reference_forward(model, inputs: dict, drop_counts, visual_ids, scoring="fit
     last_visual = int(vis_positions.max()) if len(vis_positions) else -1
     pos = list(range(length))
     dropped = [[] for _ in lm.layers]
+    if input_drops:
+        removed = set(input_drops)
+        assert removed <= set(vis_positions.tolist()), "input_drops must be visual positions"
+        pos = [p for p in pos if p not in removed]
+        hidden = hidden[:, pos]
+    if drop_counts is None and fixed_drops is None:
+        fixed_drops = [[] for _ in lm.layers]
 
     weights = {}
     original = lm.config._attn_implementation
