@@ -19,10 +19,11 @@ from numbers import Integral, Real
 from .flops import ModelDims, recipe_reduction
 from .recipe import Recipe, RecipeError
 
-__all__ = ["VISIONZIP_CONTEXTUAL", "dart", "divprune", "fastv", "for_budget", "pyramid", "random_recipe", "uniform",
+__all__ = ["FAMILIES", "VISIONZIP_CONTEXTUAL", "dart", "divprune", "fastv", "for_budget", "pyramid", "random_recipe", "uniform",
            "visionzip"]
 
 VISIONZIP_CONTEXTUAL = 10 / 64  # share of the kept tokens that VisionZip merges (54 dominant + 10 contextual of 64)
+FAMILIES = {"visionzip": ("llava",)}  # methods that need a model layout only some families have (others: all)
 
 
 def _check_layers(num_layers: int) -> int:

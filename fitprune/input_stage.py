@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import scoring
+from .baselines import FAMILIES
 from .recipe import RecipeError
 from .selection import divprune_keep, visionzip_cls_attention, visionzip_select
 
@@ -36,7 +37,7 @@ class VisionTap:
 
     def __init__(self, model: nn.Module, family: str, recipe) -> None:
         config = model.config
-        if family != "llava":
+        if family not in FAMILIES["visionzip"]:
             raise RecipeError(
                 f"visionzip needs LLaVA-1.5's layout (one CLS-bearing vision tower whose patch features map one "
                 f"to one onto image tokens); the {family!r} family is not supported (LLaVA-NeXT's tiles and newline "
@@ -128,12 +129,11 @@ class InputStage:
         if rule == "visionzip":
             return self._visionzip(state)
         counts = [self.recipe.input_count(n) for n in state.alive_visual]
-        k = self.pruner._k_tensor(counts, hidden.device)
         if rule == "divprune":
             keep = self.pruner._k_tensor([n - c for n, c in zip(state.alive_visual, counts)], hidden.device)
             return candidates & ~divprune_keep(hidden, candidates, keep), counts
         scores = self.pruner._random_scores(tuple(candidates.shape), -1, hidden.device)
-        return scoring.select_drops(scores, candidates, k), counts
+        return scoring.select_drops(scores, candidates, self.pruner._k_tensor(counts, hidden.device)), counts
 
     def _visionzip(self, state) -> tuple[torch.Tensor, list[int]]:
         kept, per_image = self.vision.take()

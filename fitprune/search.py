@@ -36,17 +36,15 @@ import numpy as np
 from torch import nn
 
 from .alpha_walk import Prepared
-from .baselines import divprune, pyramid, visionzip
+from .baselines import pyramid
 from .calibration import CalibrationStats
 from .cost import TokenCounts
 from .divergence import Divergence, NonFiniteDivergence, Reference, divergence, reference
 from .fit import fit
 from .flops import ModelDims
 from .recipe import Recipe
-from .search_space import (SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, project_input, seed_pool,
-                           split_batches)
-
-INPUT_BASELINES = {"divprune": divprune, "visionzip": visionzip}  # baselines that select before the language model
+from .search_space import (PRE_LLM, SCORINGS, Candidate, SearchConfig, neighbours, one_hot, project, project_input,
+                           seed_pool, split_batches)
 
 __all__ = ["SCORINGS", "Candidate", "RecipeSearch", "SearchConfig", "SearchResult", "project", "search", "split_batches"]
 
@@ -158,10 +156,10 @@ class RecipeSearch:
         shapes = {"fastv": (one_hot(L, {1: 1.0}), "fastv", {"K": 2}),
                   "dart": (one_hot(L, {1: 1.0}), "dart", {"K": 2}),
                   "pyramid": (pyramid(L, keep=0.5).drop_fractions, "fastv", {"stages": pyramid(L).metadata["stages"]})}
-        if name in INPUT_BASELINES:
+        if name in PRE_LLM:
             return self._input_baseline(name, budget)
         if name not in shapes:
-            raise ValueError(f"unknown baseline {name!r}; known: {', '.join([*shapes, *INPUT_BASELINES])}")
+            raise ValueError(f"unknown baseline {name!r}; known: {', '.join([*shapes, *PRE_LLM])}")
         shape, scoring, meta = shapes[name]
         p = project(shape, self.counts, budget)
         feasible = p is not None
@@ -185,7 +183,7 @@ class RecipeSearch:
             p = (1.0, self.counts.reduction([0.0] * self.dims.num_layers, 1.0))
             warnings.warn(f"budget {budget:g} is out of reach for {name}: removing every visual token before layer 0 "
                           f"removes {p[1]:.4f} of the prefill; returning that recipe with feasible=False", stacklevel=3)
-        recipe = INPUT_BASELINES[name](self.dims.num_layers, ratio=p[0], family=self.family)
+        recipe = PRE_LLM[name](self.dims.num_layers, ratio=p[0], family=self.family)
         return recipe.with_updates(checkpoint=self.stats.checkpoint, budget=budget, flops_convention=self.convention,
                                    metadata={**recipe.metadata, "predicted_reduction": p[1],
                                              "matched_on": self.stats.calib_id, "feasible": feasible})

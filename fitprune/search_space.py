@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .baselines import VISIONZIP_CONTEXTUAL, pyramid
+from .baselines import FAMILIES, divprune, pyramid, visionzip
 from .cost import FEASIBLE_EPS, TokenCounts, trim_counts
 from .divergence import Divergence
 from .recipe import Recipe
@@ -25,7 +25,7 @@ __all__ = ["SCORINGS", "Candidate", "SearchConfig", "neighbours", "one_hot", "pr
 
 SCORINGS = ("fitprune", "fastv")
 BASELINE_SEEDS = ("fastv", "pyramid", "dart", "divprune", "visionzip")  # the baselines, each with its own rule
-PRE_LLM = ("divprune", "visionzip")  # baselines that select before the language model
+PRE_LLM = {"divprune": divprune, "visionzip": visionzip}  # baselines that select before the language model
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,11 @@ class Candidate:
     input_fraction: float = 0.0  # removed before layer 0 (pre-LLM seeds)
 
     def recipe(self, **fields) -> Recipe:
-        merge = (1.0 - self.input_fraction) * VISIONZIP_CONTEXTUAL if self.scoring == "visionzip" else 0.0
+        fields = {"method": "fitprune", "metadata": {}, **fields}
+        if self.scoring in PRE_LLM:  # the baseline's own builder (VisionZip's merged share comes with it)
+            return PRE_LLM[self.scoring](len(self.fractions), ratio=self.input_fraction).with_updates(**fields)
         return Recipe(tuple(float(f) for f in self.fractions), scoring=self.scoring, input_fraction=self.input_fraction,
-                      merge_fraction=merge, **fields)
+                      **fields)
 
     def row(self, n_ref: int) -> dict:
         """A JSON-able summary (drop counts on the ``n_ref`` grid)."""
@@ -279,7 +281,7 @@ def seed_pool(budget, L, config, counts, walks, extra, n_ref, family=None) -> li
            "dart": (one_hot(L, {1: 1.0}), "dart", "DART K=2")}
     shapes += [own[b] for b in config.baselines if b in own]
     given = len(shapes)
-    pre = [(b, f"{b} (pre-LLM)") for b in config.baselines if b in PRE_LLM and (b != "visionzip" or family == "llava")]
+    pre = [(b, f"{b} (pre-LLM)") for b in config.baselines if b in PRE_LLM and family in FAMILIES.get(b, (family,))]
     for r in extra:
         if r.input_fraction > 0:
             pre.append((r.scoring, f"given {r.method or 'recipe'} ({r.scoring})"))
@@ -288,8 +290,8 @@ def seed_pool(budget, L, config, counts, walks, extra, n_ref, family=None) -> li
                            f"given {r.method or 'recipe'}"))
     pool, seen = [], set()
     p = project_input(counts, budget) if pre else None
-    for scoring, name in pre if p is not None else []:
-        if ("input", scoring) not in seen:
+    for scoring, name in pre:
+        if p is not None and ("input", scoring) not in seen:
             seen.add(("input", scoring))
             pool.append(Candidate((0.0,) * L, scoring, name, predicted=p[1], input_fraction=p[0]))
     for i, (shape, scoring, name) in enumerate(shapes):

@@ -28,14 +28,22 @@ __all__ = ["DART_PIVOTS", "dart_drops", "divprune_keep", "visionzip_cls_attentio
 DART_PIVOTS = (4, 4)  # (visual, text) pivots: DART's defaults for LLaVA-1.5
 
 
+def _order(scores: torch.Tensor, allowed: torch.Tensor, descending: bool) -> torch.Tensor:
+    """(B, L) slot indices, the ``allowed`` slots first, best first by ``scores`` (ties: earlier slot first)."""
+    masked = torch.where(allowed, scores.float(), -torch.inf if descending else torch.inf)
+    return torch.sort(masked, dim=1, descending=descending, stable=True).indices
+
+
+def _first(order: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the first k[b] ``allowed`` slots of ``order`` (from :func:`_order` with the same ``allowed``)."""
+    k = torch.minimum(k, allowed.sum(1))
+    chosen = torch.arange(order.shape[1], device=order.device)[None, :] < k[:, None]
+    return torch.zeros_like(allowed).scatter_(1, order, chosen)
+
+
 def _ranks_below(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor, descending: bool) -> torch.Tensor:
     """(B, L) bool: the k[b] best ``allowed`` slots of each row by ``scores`` (ties: earlier slot first)."""
-    fill = -torch.inf if descending else torch.inf
-    masked = torch.where(allowed, scores.float(), fill)
-    order = torch.sort(masked, dim=1, descending=descending, stable=True).indices
-    k = torch.minimum(k, allowed.sum(1))
-    chosen = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
-    return torch.zeros_like(allowed).scatter_(1, order, chosen)
+    return _first(_order(scores, allowed, descending), allowed, k)
 
 
 def divprune_keep(features: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -77,11 +85,10 @@ def dart_drops(hidden: torch.Tensor, keys: torch.Tensor, candidates: torch.Tenso
     bsz = candidates.shape[0]
     norm = keys.float().abs().sum(dim=(1, 3))  # (B, L): L1 norm of each token's keys
     keep = (candidates.sum(1) - drop).clamp(min=0)
-    image_pivots = _ranks_below(norm, candidates, torch.minimum(keep, torch.full_like(keep, n_vis)), True)
-    text_pivots = _ranks_below(norm, text & ~candidates, torch.full_like(keep, n_txt), True)
     # pivot order: image pivots by descending norm, then text pivots; each row lists up to n_vis + n_txt slots
-    order_img = torch.sort(torch.where(image_pivots, norm, -torch.inf), dim=1, descending=True, stable=True).indices
-    order_txt = torch.sort(torch.where(text_pivots, norm, -torch.inf), dim=1, descending=True, stable=True).indices
+    order_img, order_txt = _order(norm, candidates, True), _order(norm, text & ~candidates, True)
+    image_pivots = _first(order_img, candidates, torch.minimum(keep, torch.full_like(keep, n_vis)))
+    text_pivots = _first(order_txt, text & ~candidates, torch.full_like(keep, n_txt))
     slots = torch.cat([order_img[:, :n_vis], order_txt[:, :n_txt]], dim=1)  # (B, P)
     valid = torch.cat([torch.arange(n_vis, device=keep.device)[None] < image_pivots.sum(1, keepdim=True),
                        torch.arange(n_txt, device=keep.device)[None] < text_pivots.sum(1, keepdim=True)], dim=1)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from fitprune import Recipe
-from fitprune.baselines import random_recipe
+from fitprune.baselines import FAMILIES, random_recipe
 from fitprune.fit import fit
 from fitprune.flops import ModelDims
 from storage import store
@@ -37,15 +37,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-FAMILY_LIMITS = {"visionzip": ("llava",)}  # methods that need a model layout only some families have
-
-
 def check_methods(methods, family: str) -> None:
     """Refuse, before any work, a method the model's family cannot run (VisionZip needs LLaVA-1.5's layout)."""
-    bad = [m for m in methods if family not in FAMILY_LIMITS.get(m, (family,))]
+    bad = [m for m in methods if family not in FAMILIES.get(m, (family,))]
     if bad:
         raise ValueError(f"method(s) {bad} cannot run on a {family!r} model: "
-                         + "; ".join(f"{m} supports {', '.join(FAMILY_LIMITS[m])}" for m in bad)
+                         + "; ".join(f"{m} supports {', '.join(FAMILIES[m])}" for m in bad)
                          + ". Leave them out of --methods for this model.")
 
 

@@ -274,6 +274,14 @@ def visionzip_embeds(model, single, merged: torch.Tensor) -> torch.Tensor:
     return embeds
 
 
+def _divprune_removed(model, single, recipe) -> tuple[list[int], list[int], float]:
+    """(visual positions, those DivPrune removes per the reference, its margin) for one unpadded sample."""
+    visual = _visual_positions(single)
+    emb = capture_lm_inputs(model, single)["inputs_embeds"][0]
+    kept, margin = ref_divprune(emb, visual, len(visual) - recipe.input_count(len(visual)))
+    return visual, sorted(set(visual) - set(kept)), margin
+
+
 # -- a. selection equals the reference ------------------------------------------------------------------
 
 
@@ -283,12 +291,8 @@ def test_divprune_selection_equals_reference(family_model):
     batch = make_inputs(specs)
     _, report = _pruned(model, batch, recipe)
     for b, single, pad in _samples(make_inputs, specs, batch):
-        visual = _visual_positions(single)
-        keep = len(visual) - recipe.input_count(len(visual))
-        emb = capture_lm_inputs(model, single)["inputs_embeds"][0]
-        kept, margin = ref_divprune(emb, visual, keep)
+        visual, expected, margin = _divprune_removed(model, single, recipe)
         assert margin > MARGIN, f"sample {b}: a near tie ({margin:.2g}) makes the comparison ill-posed"
-        expected = sorted(set(visual) - set(kept))
         assert len(expected) == recipe.input_count(len(visual))
         assert [p - pad for p in report.dropped_input[b]] == expected
         assert all(d == [] for d in report.dropped[b])  # nothing dropped inside the language model
@@ -392,10 +396,7 @@ def test_divprune_forward_equals_physical_removal(family_model):
     batch = make_inputs(specs)
     logits, report = _pruned(model, batch, recipe)
     for b, single, pad in _samples(make_inputs, specs, batch):
-        visual = _visual_positions(single)
-        emb = capture_lm_inputs(model, single)["inputs_embeds"][0]
-        kept_visual, _ = ref_divprune(emb, visual, len(visual) - recipe.input_count(len(visual)))
-        removed = sorted(set(visual) - set(kept_visual))
+        _, removed, _ = _divprune_removed(model, single, recipe)
         ref_logits, kept, dropped = reference_forward(model, single, None, VISUAL_IDS, input_drops=removed)
         assert dropped == [[]] * 4
         assert report.kept[b, pad:].nonzero()[0].tolist() == kept
