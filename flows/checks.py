@@ -1,6 +1,6 @@
 """What a sweep can be refused for, checked before any model loads or anything is written.
 
-``check_sweep(config, spec)`` runs in ``fitprune sweep`` and in the Prefect flow's parameter
+``check_sweep(config)`` runs in ``fitprune sweep`` and in the Prefect flow's parameter
 validation alike: the device string and its availability, that the model can read the sources,
 the checkpoint's weight files, and the data root (usable, writable, free of glob characters).
 Messages name the CLI flag; the flow's parameter of the same name (``source``, ``benchmarks``,
@@ -17,14 +17,16 @@ __all__ = ["check_sweep"]
 _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "tokenizer_config.json", "tokenizer.json")
 
 
-def check_sweep(config, spec: dict) -> None:
-    """What a sweep can be refused for, checked before any model loads or anything is written:
-    the device, that the model can read the sources, the checkpoint's weight files, the data root."""
+def check_sweep(config) -> None:
+    """What a sweep (a ``flows.config.SweepConfig``) can be refused for, checked before any model loads or
+    anything is written: the device, that the model can read the sources, the checkpoint's weight
+    files, the data root."""
     from storage.root import check_root
     from tasks import sources
     from tasks.models import check_weight_files, normalize_spec
 
-    spec = normalize_spec(spec)  # the device (tasks.models.check_device); a path model is a checkpoint directory
+    config = config.resolved()
+    spec = normalize_spec(config.spec())  # the device (tasks.models.check_device); a path model is a checkpoint directory
     used = [("--source", config.source), *(("--benchmarks", b) for b in config.benchmarks)]
     questions = [(flag, s) for flag, s in used if sources.is_question_source(s)]
     if questions and spec["kind"] == "toy":
@@ -44,4 +46,4 @@ def check_sweep(config, spec: dict) -> None:
                          "or a question source such as easy-vqa:train")
     if spec["kind"] == "path":
         check_weight_files(spec["path"])
-    check_root(config.root)  # last: it creates the root if missing
+    check_root(config.data_root)  # last: it creates the root if missing

@@ -20,63 +20,21 @@ import threading
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.3,0.5,0.7; got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-_CUDA_SCALE = {"n_calib": 64, "n_eval": 500, "batch_size": 32}  # --device cuda without explicit counts
-
-
-def _sweep_config(args):
-    from flows.sweep import SweepConfig
-
-    given = {"budgets": args.budgets, "methods": args.methods, "n_calib": args.calib_samples,
-             "n_eval": args.eval_samples, "batch_size": args.batch_size, "seed": args.seed,
-             "shard_size": args.shard_size, "source": args.source, "benchmarks": args.benchmarks,
-             "max_new_tokens": args.max_new_tokens, "search": args.search}
-    if args.device.startswith("cuda"):
-        given = {**_CUDA_SCALE, **{k: v for k, v in given.items() if v is not None}}
-    return SweepConfig(root=args.data_root, **{k: v for k, v in given.items() if v is not None})
-
-
-def _model_spec(args, config) -> dict:
-    from flows.sweep import default_spec
-
-    if args.model is None:
-        spec = default_spec(config)
-    elif args.model in ("demo", "toy"):
-        spec = {"kind": args.model}
-    else:
-        spec = {"kind": "path", "path": args.model}
-    if spec["kind"] == "toy":
-        spec["seed"] = config.seed
-    else:
-        spec["dtype"] = args.dtype
-    return {**spec, "device": args.device}
-
-
 def _cmd_sweep(args) -> int:
     import time
 
     from flows.checks import check_sweep
+    from flows.cli_config import config_from_args
     from flows.sweep import run_sweep
     from storage.root import data_root
     from tasks.report import pareto_text, plot_front, summary_text
 
     start = time.perf_counter()
-    config = _sweep_config(args)
-    spec = _model_spec(args, config)
-    check_sweep(config, spec)
-    result = run_sweep(config, spec, progress=True)  # progress on stderr; results on stdout
+    config = config_from_args(args).resolved()
+    check_sweep(config)
+    result = run_sweep(config, progress=True)  # progress on stderr; results on stdout
     print(f"run {result['run_id']} — checkpoint {result['checkpoint']}")
-    print(f"calibration: {config.n_calib} samples of {config.source}; evaluation: {config.n_eval} samples each of "
+    print(f"calibration: {config.calib_samples} samples of {config.source}; evaluation: {config.eval_samples} samples each of "
           f"{', '.join(config.benchmarks)}; budgets {', '.join(f'{b:g}' for b in config.budgets)}")
     print(summary_text(result))
     print("\nPareto front:")
@@ -143,6 +101,8 @@ def _cmd_import_benchmarks(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flows.cli_config import add_config_options
+
     parser = argparse.ArgumentParser(prog="fitprune", description="Fit and apply FitPrune visual-token pruning recipes.")
     parser.add_argument("--data-root", default=None,
                         help="data root (default: $FITPRUNE_DATA, else ~/.cache/fitprune)")
@@ -155,33 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     sweep = add_parser("sweep", help="calibrate, fit a budget grid for each method, evaluate, print the Pareto front")
-    sweep.add_argument("--budgets", type=_floats, default=None, help="FLOPs fractions to remove (default 0.5,0.7)")
-    sweep.add_argument("--methods", type=_names, default=None,
-                       help="of fitprune,fitprune-paper,fastv,pyramid,dart,divprune,visionzip,random (visionzip: "
-                            "LLaVA-1.5 layout only); default fitprune,fitprune-paper,fastv,random")
-    sweep.add_argument("--search", choices=("auto", "small", "full"), default=None,
-                       help="width of fitprune's divergence search (default auto: small on a CPU, full on a GPU)")
-    sweep.add_argument("--calib-samples", type=int, default=None, help="default 16 (64 with --device cuda)")
-    sweep.add_argument("--eval-samples", type=int, default=None,
-                       help="per benchmark; default 40 (500 with --device cuda)")
-    sweep.add_argument("--batch-size", type=int, default=None, help="default 8 (32 with --device cuda)")
-    sweep.add_argument("--seed", type=int, default=None)
-    sweep.add_argument("--shard-size", type=int, default=None,
-                       help="samples per statistics/evaluation shard; finished shards are reused on a re-run (default 64)")
-    sweep.add_argument("--source", default=None,
-                       help="calibration samples (default easy-vqa:train): easy-vqa:train|test, synthetic:train|val|test, "
-                            "<loader>:/path (pope, gqa, textvqa, vqav2, mme, mmbench, scienceqa, parquet), "
-                            "toy, or hf:/path (processed inputs; needs `datasets`)")
-    sweep.add_argument("--benchmarks", type=_names, default=None,
-                       help="evaluation sources, comma list (default easy-vqa:test,synthetic:test; for toy/hf: sources "
-                            "the source itself, scored by agreement with the unpruned model)")
-    sweep.add_argument("--model", default=None,
-                       help="demo (default), toy (random-weight tiny LLaVA, default for --source toy), "
-                            "or a local checkpoint directory")
-    sweep.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    sweep.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                       help="weights of the demo or local model (default bfloat16)")
-    sweep.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default 6)")
+    add_config_options(sweep)  # one option per SweepConfig field (flows.cli_config)
     sweep.set_defaults(func=_cmd_sweep)
 
     pareto = add_parser("pareto", help="print the Pareto-best recipes per checkpoint and benchmark")

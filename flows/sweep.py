@@ -11,68 +11,11 @@ calibration set and sample, so a re-run with any shard size collects only missin
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field
 
+from flows.config import DEFAULT_BENCHMARKS, SweepConfig
 from tasks import steps as plain_steps
 from tasks.recipes import check_methods
-from tasks.steps import DEFAULT_METHODS, METHODS, SEARCH_SIZES
-
-DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
-
-
-@dataclass
-class SweepConfig:
-    """What a sweep runs. ``source``: calibration samples; ``benchmarks``: evaluation sources (default:
-    easy-VQA test + synthetic test for question sources, the calibration source's own "eval" split for
-    input sources); ``n_eval`` samples each. Sources: ``tasks.sources``. ``search``: how wide the
-    ``fitprune`` method's divergence search is (``small``, ``full``; ``auto``: small on a CPU, full on
-    a GPU; ``tasks.recipes.search_config``)."""
-
-    budgets: tuple[float, ...] = (0.5, 0.7)
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    n_calib: int = 16
-    n_eval: int = 40
-    batch_size: int = 8
-    seed: int = 0
-    root: str | None = None
-    shard_size: int = 64
-    source: str = "easy-vqa:train"
-    benchmarks: tuple[str, ...] | None = None
-    convention: str = "full"
-    max_new_tokens: int = 6
-    search: str = "auto"
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        from tasks import sources
-
-        self.budgets = tuple(self.budgets)
-        self.methods = tuple(self.methods)
-        sources.parse(self.source)  # raises on an unknown source
-        if self.benchmarks is None:
-            self.benchmarks = DEFAULT_BENCHMARKS if sources.is_question_source(self.source) else (self.source,)
-        self.benchmarks = tuple(str(sources.parse(b)) for b in self.benchmarks)
-        if not self.benchmarks:
-            raise ValueError("benchmarks is empty; pass one or more evaluation sources, e.g. easy-vqa:test")
-        if not self.budgets:
-            raise ValueError("budgets is empty; pass at least one FLOPs fraction in (0, 1), e.g. [0.3, 0.5]")
-        bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 < b < 1.0]
-        if bad:
-            raise ValueError(f"budgets must lie in (0, 1) (fractions of prefill FLOPs to remove); got {bad}")
-        if not self.methods:
-            raise ValueError(f"methods is empty; pass one or more of {', '.join(METHODS)}")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-        if self.search not in SEARCH_SIZES:
-            raise ValueError(f"search = {self.search!r}; known: {', '.join(SEARCH_SIZES)}")
-        for name in ("n_calib", "n_eval", "batch_size", "shard_size", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_calib < 4:
-            raise ValueError(f"n_calib = {self.n_calib}: every recipe's divergence is measured on a search and a "
-                             "held-out part of the calibration set, so it needs at least 4 samples (2 + 2)")
+from tasks.steps import DEFAULT_METHODS, METHODS
 
 
 def _log(msg: str) -> None:
@@ -124,23 +67,16 @@ def _run_all(task, calls: list[dict]):
             yield task(**kw)
 
 
-def default_spec(config: SweepConfig) -> dict:
-    """The model a sweep runs when none is named: the toy model for toy inputs, else the demo model."""
-    from tasks import sources
-
-    return {"kind": "toy", "seed": config.seed} if sources.parse(config.source).kind == "toy" else {"kind": "demo"}
-
-
 def _calls(config: SweepConfig, spec: dict, info: dict, run_id: str, eval_sets: dict, grid: dict) -> list[dict]:
     """One ``evaluate_shard`` call per (benchmark, recipe, shard); the unpruned model first."""
     recipe_ids = ["none"] + [rid for m in config.methods for rid in grid[m]]
     return [dict(spec=spec, info=info, eval_set=eval_set, recipe_id=rid, start=s, end=e, batch_size=config.batch_size,
-                 run_id=run_id, benchmark=benchmark, root=config.root, max_new_tokens=config.max_new_tokens)
+                 run_id=run_id, benchmark=benchmark, root=config.data_root, max_new_tokens=config.max_new_tokens)
             for benchmark, eval_set in eval_sets.items() for rid in recipe_ids
             for s, e in plain_steps.shard_ranges(eval_set["n"], config.shard_size)]
 
 
-def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool = False, flow: str = "sweep") -> dict:
+def compose(config: SweepConfig, steps=plain_steps, progress: bool = False, flow: str = "sweep") -> dict:
     """The sweep wired from ``steps`` (``tasks.steps``, or the Prefect tasks of ``tasks.sweep``).
 
     A start row in ``runs`` first, an end row last: ``completed``, or ``failed`` / ``interrupted``
@@ -151,21 +87,22 @@ def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool =
     is the run's rows of the ``run_evaluations`` view (one per benchmark and recipe), ``pareto_rows``
     the checkpoint's front (``pareto`` view); plain data only.
     """
-    spec = steps.normalize_spec(spec)
-    root = config.root
+    config = config.resolved()
+    spec = steps.normalize_spec(config.spec())
+    root = config.data_root
     run_id = steps.new_run_id()
-    parameters = {**asdict(config), "model": spec}
+    parameters = config.record()
     started = steps.start_run(run_id, flow, parameters, root)
     try:
         _log(steps.describe_model(spec))
         info = steps.model_info(spec, root)
         check_methods(config.methods, info["family"])  # before any statistics: a method the model cannot run
         checkpoint = info["checkpoint"]
-        calib = steps.calibration_set(config.n_calib, config.seed, "calib", config.source, root)
-        eval_sets = {b: steps.calibration_set(config.n_eval, config.seed + 1, "eval", b, root) for b in config.benchmarks}
-        _log(f"run {run_id}; checkpoint {checkpoint}; calibration: {config.n_calib} samples of {config.source} "
+        calib = steps.calibration_set(config.calib_samples, config.seed, "calib", config.source, root)
+        eval_sets = {b: steps.calibration_set(config.eval_samples, config.seed + 1, "eval", b, root) for b in config.benchmarks}
+        _log(f"run {run_id}; checkpoint {checkpoint}; calibration: {config.calib_samples} samples of {config.source} "
              f"({calib['id']}); budgets {list(config.budgets)}; methods {list(config.methods)} + unpruned; evaluation: "
-             f"{config.n_eval} samples each of {', '.join(config.benchmarks)}; shards of {config.shard_size}")
+             f"{config.eval_samples} samples each of {', '.join(config.benchmarks)}; shards of {config.shard_size}")
 
         shards = steps.shard_ranges(calib["n"], config.shard_size)
         bar, collected = Progress(len(shards), "statistics", progress), 0
@@ -201,14 +138,10 @@ def compose(config: SweepConfig, spec: dict, steps=plain_steps, progress: bool =
             "pareto_rows": steps.pareto_rows(root, checkpoint), "config": parameters}
 
 
-def run_sweep(config: SweepConfig | None = None, spec: dict | None = None, progress: bool = False) -> dict:
+def run_sweep(config: SweepConfig | None = None, progress: bool = False) -> dict:
     """Run the whole sweep in-process; returns ``compose``'s result (the run's summary and Pareto rows).
-
-    ``spec`` picks the model (``tasks.models``); default: the demo model (the toy model for toy inputs).
-    """
-    config = config or SweepConfig()
-    return compose(config, spec or default_spec(config), plain_steps, progress=progress)
+    ``config.model`` picks the model; default: the demo model (the toy model for toy inputs)."""
+    return compose(config or SweepConfig(), plain_steps, progress=progress)
 
 
-__all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "Progress", "SweepConfig", "compose", "default_spec",
-           "run_sweep"]
+__all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "Progress", "SweepConfig", "compose", "run_sweep"]

@@ -84,7 +84,7 @@ def _agreement_shard(spec, model, eval_set: dict, recipe, start: int, end: int, 
 
 
 def evaluate_shard(spec, info: dict, eval_set: dict, recipe_id: str, start: int, end: int, batch_size: int,
-                   run_id: str, benchmark: str, root, max_new_tokens: int = 6) -> dict:
+                   run_id: str, benchmark: str, root, max_new_tokens: int) -> dict:
     """Evaluate stored recipe ``recipe_id`` (``"none"``: the unpruned model) on samples ``start..end-1``.
 
     Writes its ``predictions`` rows, then its ``evaluations`` row (write id ``<run>-<set id>-<recipe>-

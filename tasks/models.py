@@ -7,7 +7,7 @@ A spec is a JSON-able dict, so it can cross Prefect task boundaries where a mode
     {"kind": "path", "path": "/ckpt/llava"} a local Hugging Face checkpoint directory
 
 optionally with ``"device"`` (default ``"cpu"``) and, for demo and path, ``"dtype"``
-(``"float32"`` default, or ``"bfloat16"``). The demo model is built once into
+(``DEFAULT_DTYPE``, ``"bfloat16"``, or ``"float32"``; ``flows.config`` has the same default). The demo model is built once into
 ``<data root>/models`` (``fitprune.demo.build_demo_model``; the ``root`` argument of ``load_model``,
 ``encoder_for`` and ``model_info``, else ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``) and loaded
 from there afterwards.
@@ -28,11 +28,12 @@ from fitprune.adapters import get_adapter
 from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
-__all__ = ["DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "describe_model", "encoder_for", "load_model",
+__all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "describe_model", "encoder_for", "load_model",
            "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
 DTYPES = ("float32", "bfloat16")
+DEFAULT_DTYPE = "bfloat16"
 _KEYS = {"demo": {"dtype"}, "toy": {"seed"}, "path": {"path", "dtype"}}
 _MODELS: dict[str, tuple] = {}
 LOCK = threading.RLock()  # tasks may run in threads of one process: build each model once, hook one at a time
@@ -88,7 +89,7 @@ def normalize_spec(spec) -> dict:
                              "pass {'kind': 'path', 'path': '/dir/with/config.json'}")
         out["path"] = str(Path(path).resolve())
     if kind in ("demo", "path"):
-        dtype = spec.get("dtype") or "float32"
+        dtype = spec.get("dtype") or DEFAULT_DTYPE
         if dtype not in DTYPES:
             raise ValueError(f"model spec dtype {dtype!r}: use one of {', '.join(DTYPES)}")
         out["dtype"] = dtype

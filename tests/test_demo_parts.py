@@ -169,7 +169,7 @@ def demo_spec(demo, monkeypatch, tmp_path):
     """The sweep's model cache holding this module's demo model (no second 25 s build)."""
     from tasks import models
 
-    spec = models.normalize_spec({"kind": "demo"})
+    spec = models.normalize_spec({"kind": "demo", "dtype": "float32"})
     monkeypatch.setitem(models._MODELS, models._key(spec), demo)
     monkeypatch.setenv("FITPRUNE_DATA", str(tmp_path / "data"))
     return spec
@@ -180,10 +180,11 @@ def test_main_job_path_on_question_benchmarks(demo_spec, tmp_path):
     from flows.sweep import SweepConfig, compose
     from storage import store
 
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=2, batch_size=2,
-                         root=str(tmp_path / "data"))
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=4, eval_samples=2, batch_size=2,
+                         data_root=str(tmp_path / "data"), model={"kind": "demo", "dtype": demo_spec["dtype"]})
+    config = config.resolved()
     assert config.benchmarks == ("easy-vqa:test", "synthetic:test")
-    result = compose(config, demo_spec)
+    result = compose(config)
     summary = {(r["benchmark"], r["method"]): r for r in result["summary"]}
     assert set(summary) == {(b, m) for b in config.benchmarks for m in ("none", "fitprune")}
     assert abs(summary["easy-vqa:test", "fitprune"]["flops_reduction"] - 0.5) < 0.02
@@ -208,7 +209,8 @@ def test_failed_samples_are_recorded_and_the_run_goes_on(demo_spec, tmp_path):
         (root / f"coco_pope_{cat}.json").write_text("".join(_json.dumps(x) + "\n" for x in lines))
     eval_set = steps.calibration_set(9, 0, "eval", f"pope:{root}", root=tmp_path / "data")
     info = steps.model_info(demo_spec)
-    row = steps.evaluate_shard(demo_spec, info, eval_set, "none", 0, 9, 3, "run-f", "pope", tmp_path / "data")
+    row = steps.evaluate_shard(demo_spec, info, eval_set, "none", 0, 9, 3, "run-f", "pope", tmp_path / "data",
+                               max_new_tokens=6)
     assert row["n_samples"] == 9 and row["n_failed"] == 6 and row["metric_name"] == "pope"
     from storage import store
 

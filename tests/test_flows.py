@@ -10,8 +10,9 @@ import re
 import pytest
 
 from fitprune.demo import toy
-from flows.sweep import SweepConfig, compose
-from flows.sweep_flow import validate
+from flows.checks import check_sweep
+from flows.config import SweepConfig
+from flows.sweep import compose
 from tasks import steps
 from tasks.report import markdown_report, plot_front
 
@@ -19,9 +20,9 @@ TINY = dict(calib_samples=4, eval_samples=4, budgets=[0.5], methods=["fitprune",
 
 
 def test_steps_compose_without_prefect(tmp_path):
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune", "random"), n_calib=4, n_eval=4, batch_size=4,
-                         root=str(tmp_path), source="toy")
-    result = compose(config, {"kind": "toy", "seed": 0})
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune", "random"), calib_samples=4, eval_samples=4, batch_size=4,
+                         data_root=str(tmp_path), source="toy")
+    result = compose(config)
     assert {r["method"] for r in result["summary"]} == {"none", "fitprune", "random"}
     assert all(r["run_id"] == result["run_id"] and r["status"] == "completed" for r in result["summary"])
     assert result["pareto_rows"] and all(r["checkpoint"] == result["checkpoint"] for r in result["pareto_rows"])
@@ -63,10 +64,10 @@ def test_a_failed_run_records_why_and_counts_nowhere(tmp_path):
 
     namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
     namespace.evaluate_shard = failing_shard
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=4, batch_size=4,
-                         root=str(tmp_path), source="toy")
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=4, eval_samples=4, batch_size=4,
+                         data_root=str(tmp_path), source="toy")
     with pytest.raises(RuntimeError, match="fell off the bus"):
-        compose(config, {"kind": "toy", "seed": 0}, namespace)
+        compose(config, namespace)
     runs = catalog.query("SELECT status, error, ended_at FROM runs_latest", root=tmp_path).to_pylist()
     assert len(runs) == 1 and runs[0]["status"] == "failed" and runs[0]["ended_at"] is not None
     assert runs[0]["error"] == "RuntimeError: GPU fell off the bus"
@@ -88,37 +89,45 @@ def test_an_interrupted_run_says_so(tmp_path):
 
     namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
     namespace.fit_budgets = interrupt
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=4, batch_size=4,
-                         root=str(tmp_path), source="toy")
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=4, eval_samples=4, batch_size=4,
+                         data_root=str(tmp_path), source="toy")
     with pytest.raises(KeyboardInterrupt):
-        compose(config, {"kind": "toy", "seed": 0}, namespace)
+        compose(config, namespace)
     (run,) = catalog.query("SELECT status, error FROM runs_latest", root=tmp_path).to_pylist()
     assert run == {"status": "interrupted", "error": "KeyboardInterrupt: "}
 
 
 def test_parameters_are_validated_with_clear_messages(tmp_path):
-    args = dict(checkpoint={"kind": "toy", "seed": 0}, calib_samples=4, eval_samples=4, budgets=[0.5],
-                methods=["fitprune"], batch_size=4, device="cpu", data_root=str(tmp_path), seed=0, source="toy")
-    config, spec = validate(**args)
-    assert config.budgets == (0.5,) and spec == {"kind": "toy", "seed": 0, "device": "cpu"}
+    """What the flow validates (its ``config`` parameter, then ``check_sweep``) before any model loads."""
+    args = dict(model={"kind": "toy"}, calib_samples=4, eval_samples=4, budgets=[0.5], methods=["fitprune"],
+                batch_size=4, device="cpu", data_root=str(tmp_path), seed=3, source="toy")
+    config = SweepConfig(**args).resolved()
+    check_sweep(config)
+    assert config.budgets == (0.5,) and config.spec() == {"kind": "toy", "seed": 3, "device": "cpu"}
     assert config.benchmarks == ("toy",)
+
+    def validate(**change):
+        check_sweep(SweepConfig(**{**args, **change}))
+
     for change, message in [
         (dict(budgets=[1.5]), "budgets must lie in (0, 1)"),
         (dict(budgets=[]), "budgets is empty"),
         (dict(methods=["magic"]), "unknown method"),
-        (dict(calib_samples=0), "calib must be a positive integer"),
-        (dict(checkpoint={"kind": "hub"}), "kind 'hub' is not known"),
-        (dict(checkpoint={"kind": "path", "path": str(tmp_path / "nope")}), "not a checkpoint directory"),
-        (dict(checkpoint={"kind": "toy", "sede": 1}), "unknown key"),
-        (dict(checkpoint={"kind": "demo", "dtype": "int8"}), "dtype 'int8'"),
+        (dict(calib_samples=0), "calib_samples must be a positive integer"),
+        (dict(calib_samples=3), "needs at least 4 samples"),
+        (dict(model={"kind": "hub"}), "'demo', 'toy', 'path'"),
+        (dict(model={"kind": "path", "path": str(tmp_path / "nope")}), "not a checkpoint directory"),
+        (dict(model={"kind": "toy", "sede": 1}), "sede"),
+        (dict(model={"kind": "demo", "dtype": "int8"}), "'bfloat16' or 'float32'"),
         (dict(source="easy-vqa:dev"), "easy-vqa has splits"),
         (dict(benchmarks=["nope"]), "not known"),
         (dict(source="easy-vqa:train"), "which the toy model cannot read"),  # the CLI's checks, before any model
         (dict(device="gpu"), "--device 'gpu' is not known"),
         (dict(data_root=str(tmp_path / "a[1]")), "which DuckDB reads as a file pattern"),
+        (dict(convention="flops"), "'full' or 'fitprune-paper'"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            validate(**{**args, **change})
+            validate(**change)
 
 
 def test_tasks_wrap_the_plain_steps():
@@ -161,7 +170,7 @@ def test_flows_in_a_test_harness(harness, tmp_path):
     from storage import catalog
 
     data = str(tmp_path / "data")
-    result = sweep(**TINY, checkpoint={"kind": "toy", "seed": 0}, data_root=data)
+    result = sweep(config=SweepConfig(**TINY, model={"kind": "toy", "seed": 0}, data_root=data))
     assert result["pareto_rows"]
     assert sorted(r["method"] for r in result["summary"]) == ["fastv", "fitprune", "none"]  # what --watch users see
 
@@ -170,10 +179,10 @@ def test_flows_in_a_test_harness(harness, tmp_path):
     (watch / "ckpt-a-broken").mkdir()  # sorted first: its failure must not stop the scan
     (watch / "ckpt-a-broken" / "config.json").write_text("{}")
     with pytest.raises(RuntimeError, match=r"1 of 2 checkpoint\(s\) failed, 1 swept: .*ckpt-a-broken"):
-        recalibrate(watch_dir=str(watch), data_root=data, **TINY)
+        recalibrate(config=SweepConfig(data_root=data, **TINY), watch_dir=str(watch))
     swept = catalog.query("SELECT DISTINCT checkpoint FROM recipes", root=data).column("checkpoint").to_pylist()
     assert len(swept) == 2 and result["checkpoint"] in swept  # ckpt-b was swept after the broken one failed
     (watch / "ckpt-a-broken" / "config.json").unlink()  # no longer a checkpoint
-    assert recalibrate(watch_dir=str(watch), data_root=data, **TINY) == []  # nothing new: nothing run
+    assert recalibrate(config=SweepConfig(data_root=data, **TINY), watch_dir=str(watch)) == []  # nothing new: nothing run
     fresh = tmp_path / "fresh"
-    assert recalibrate(data_root=str(fresh), **TINY) == [] and (fresh / "checkpoints").is_dir()  # default created
+    assert recalibrate(config=SweepConfig(data_root=str(fresh), **TINY)) == [] and (fresh / "checkpoints").is_dir()  # default created

@@ -85,9 +85,9 @@ def test_unknown_or_unavailable_sources_fail_clearly(tmp_path):
 
 
 def test_shards_are_written_separately_and_combined(tmp_path):
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=6, n_eval=6, batch_size=2, shard_size=4,
-                         root=str(tmp_path), source="toy")
-    result = compose(config, {"kind": "toy", "seed": 0})
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=6, eval_samples=6, batch_size=2, shard_size=4,
+                         data_root=str(tmp_path), source="toy")
+    result = compose(config)
     assert steps.shard_ranges(6, 4) == [[0, 4], [4, 6]]
     assert len(_token_parts(tmp_path)) == 2
     evals = store.read_table("evaluations", tmp_path).to_pylist()
@@ -104,15 +104,15 @@ def test_shards_are_written_separately_and_combined(tmp_path):
 
 def test_a_changed_shard_size_reuses_statistics_by_sample(tmp_path):
     """Issue 16, defect 1: shard size 4, then 8, then 3: the statistics are written once, every sweep runs."""
-    spec = {"kind": "toy", "seed": 0}
     for shard_size in (4, 8, 3):
-        config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=8, n_eval=4, batch_size=4,
-                             shard_size=shard_size, root=str(tmp_path), source="toy")
-        compose(config, spec)
+        config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=8, eval_samples=4, batch_size=4,
+                             shard_size=shard_size, data_root=str(tmp_path), source="toy")
+        compose(config)
         _assert_stats_exact(tmp_path, 8)
     assert len(_token_parts(tmp_path)) == 2  # the first sweep's two shards; the others collected nothing
     # a larger set with the same seed is another set; a partial overlap is collected only where missing
     calib = steps.calibration_set(8, 0, "calib", "toy", root=tmp_path)
+    spec = config.spec()
     checkpoint = steps.model_info(spec)["checkpoint"]
     done = steps.collect_stats_shard(spec, calib, checkpoint, 0, 8, 4, tmp_path)
     assert done["reused"] and done["collected"] == 0
@@ -123,9 +123,9 @@ def test_duplicated_statistics_from_an_older_version_are_read_once_and_reported(
     sweeps racing) still reads each sample once; stats_coverage counts the duplicate rows."""
     from tasks.statistics import read_stats
 
-    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), n_calib=4, n_eval=4, batch_size=4, shard_size=4,
-                         root=str(tmp_path), source="toy")
-    compose(config, {"kind": "toy", "seed": 0})
+    config = SweepConfig(budgets=(0.5,), methods=("fitprune",), calib_samples=4, eval_samples=4, batch_size=4, shard_size=4,
+                         data_root=str(tmp_path), source="toy")
+    compose(config)
     (part,) = _token_parts(tmp_path)
     key = dict(checkpoint=part.parent.parent.name.split("=")[1], calib_id=part.parent.name.split("=")[1])
     stats = read_stats(key["checkpoint"], key["calib_id"], tmp_path)
@@ -140,7 +140,7 @@ def test_duplicated_statistics_from_an_older_version_are_read_once_and_reported(
     coverage = catalog.query("SELECT * FROM stats_coverage", root=tmp_path).to_pylist()
     assert [(c["n_samples"], c["n_missing"], c["complete"], c["n_duplicate_rows"]) for c in coverage] == [
         (4, 0, True, 4 * LAYERS * VISUAL)]
-    compose(config, {"kind": "toy", "seed": 0})  # and a sweep on it runs
+    compose(config)  # and a sweep on it runs
     # a writer killed between its two parts leaves a stats_layer part alone: it is not read, even first by name
     layers = store.read_table("stats_layer", tmp_path)
     forged = layers.set_column(layers.schema.get_field_index("cross_mass"), "cross_mass",
@@ -295,7 +295,7 @@ def test_each_benchmark_writes_its_own_rows(tmp_path):
     spec = {"kind": "toy", "seed": 0}
     info = steps.model_info(spec)
     rows = [steps.evaluate_shard(spec, info, steps.calibration_set(4, seed, "eval", "toy", root=tmp_path), "none", 0, 4,
-                                 4, "run-x", f"toy-{seed}", tmp_path) for seed in (1, 2)]
+                                 4, "run-x", f"toy-{seed}", tmp_path, max_new_tokens=6) for seed in (1, 2)]
     stored = store.read_table("evaluations", tmp_path).to_pylist()
     assert sorted(r["benchmark"] for r in stored) == ["toy-1", "toy-2"] and len(rows) == 2
     assert sorted(r["eval_set"] for r in stored) == ["toy-eval-4-s1", "toy-eval-4-s2"]
@@ -307,5 +307,6 @@ def test_evaluating_a_recipe_that_is_not_stored_is_refused(tmp_path):
     spec = {"kind": "toy", "seed": 0}
     eval_set = steps.calibration_set(4, 1, "eval", "toy", root=tmp_path)
     with pytest.raises(ValueError, match="r-0000 is not in the store"):
-        steps.evaluate_shard(spec, steps.model_info(spec), eval_set, "r-0000", 0, 4, 4, "run-x", "toy", tmp_path)
+        steps.evaluate_shard(spec, steps.model_info(spec), eval_set, "r-0000", 0, 4, 4, "run-x", "toy", tmp_path,
+                             max_new_tokens=6)
     assert store.read_table("evaluations", tmp_path).num_rows == 0

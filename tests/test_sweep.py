@@ -60,10 +60,10 @@ def test_an_infeasible_fit_is_recorded_as_infeasible(tmp_path):
     namespace = SimpleNamespace(**{name: getattr(steps, name) for name in steps.__all__})
     namespace.evaluate_shard = record_then_evaluate
     methods = ("fitprune", "fitprune-paper", "fastv", "pyramid")
-    config = SweepConfig(budgets=(0.5, 0.9), methods=methods, n_calib=4, n_eval=4,
-                         batch_size=4, root=str(tmp_path), source="toy")
+    config = SweepConfig(budgets=(0.5, 0.9), methods=methods, calib_samples=4, eval_samples=4,
+                         batch_size=4, data_root=str(tmp_path), source="toy")
     with pytest.warns(UserWarning, match="no candidate meets it|out of reach for"):
-        compose(config, {"kind": "toy", "seed": 0}, namespace)  # the baselines too: the run goes on
+        compose(config, namespace)  # the baselines too: the run goes on
     assert rows_seen and all(n == 8 for n in rows_seen)  # every recipe stored before the first evaluation
     recipes = {(r["method"], r["budget"]): r for r in store.read_table("recipes", tmp_path).to_pylist()}
     for method in methods:
