@@ -4,6 +4,7 @@
     fitprune pareto [--checkpoint FP] [--benchmark NAME]
     fitprune sql "SELECT ..."
     fitprune import-benchmarks FILE.json ...
+    fitprune export-checkpoint DIR [--model demo|toy|DIR] [--emit-event]
     fitprune presets
 
 ``--data-root`` goes before the subcommand or after it (the latter wins).
@@ -100,8 +101,24 @@ def _cmd_import_benchmarks(args) -> int:
     return 0
 
 
+def _cmd_export_checkpoint(args) -> int:
+    from flows.config import DemoModel, PathModel, ToyModel
+    from tasks.export import emit_created, export_checkpoint
+
+    name = args.model
+    model = ToyModel(seed=0) if name == "toy" else DemoModel(dtype=args.dtype) if name == "demo" else \
+        PathModel(path=name, dtype=args.dtype)
+    done = export_checkpoint(model.model_dump(), args.dir, root=args.data_root)
+    print(f"{done['path']}: checkpoint {done['checkpoint']}" +
+          ("" if done["processor"] else " (no processor: sweep it with --source toy or hf:/path)"))
+    if args.emit_event:
+        print(f"emitted fitprune.checkpoint.created for {emit_created(done['path'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from flows.cli_config import add_config_options
+    from tasks.models import DEFAULT_DTYPE, DTYPES
 
     parser = argparse.ArgumentParser(prog="fitprune", description="Fit and apply FitPrune visual-token pruning recipes.")
     parser.add_argument("--data-root", default=None,
@@ -132,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(other files are skipped with a warning)")
     bench.add_argument("files", nargs="+")
     bench.set_defaults(func=_cmd_import_benchmarks)
+
+    export = add_parser("export-checkpoint", help="write a model (default the demo model) as a checkpoint directory "
+                        "the pipeline loads, processor files included")
+    export.add_argument("dir", help="a new (or empty) directory; written beside it, then renamed into place")
+    export.add_argument("--model", default="demo", help="demo (default), toy, or a checkpoint directory")
+    export.add_argument("--dtype", default=DEFAULT_DTYPE, choices=list(DTYPES),
+                        help="weights to write (demo or checkpoint; default bfloat16)")
+    export.add_argument("--emit-event", action="store_true",
+                        help="then emit fitprune.checkpoint.created naming it (needs PREFECT_API_URL)")
+    export.set_defaults(func=_cmd_export_checkpoint)
 
     presets = sub.add_parser("presets", help="list the published recipes and their FLOPs reduction")
     presets.set_defaults(func=_cmd_presets)

@@ -29,7 +29,7 @@ from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
 __all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "describe_model", "encoder_for", "load_model",
-           "model_info", "normalize_spec"]
+           "model_and_processor", "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
 DTYPES = ("float32", "bfloat16")
@@ -176,6 +176,12 @@ def _entry(spec, root=None) -> tuple:
             model, processor = _build(spec, root)
             _MODELS[key] = (model.to(spec["device"]).eval(), processor)
         return _MODELS[key]
+
+
+def model_and_processor(spec, root=None) -> tuple:
+    """``(model, processor)`` for ``spec``, as ``load_model`` (the processor: None for the toy model or a
+    checkpoint without processor files; the demo model's ``DemoProcessor``)."""
+    return _entry(spec, root)
 
 
 def load_model(spec, root=None) -> torch.nn.Module:

@@ -38,21 +38,27 @@ DEFAULT_METHODS, METHODS, SEARCH_SIZES = steps.DEFAULT_METHODS, steps.METHODS, s
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
 def publish_artifacts(result: dict, out_dir: str | None = None) -> dict:
-    """A markdown table of the Pareto front and, with matplotlib, a PNG of metric vs FLOPs reduction."""
-    from prefect.artifacts import create_markdown_artifact
+    """The Pareto front and every evaluation as a markdown artifact and, with matplotlib, the plot of
+    metric vs FLOPs reduction as an image artifact. The image travels inside the artifact as a
+    ``data:`` URL, so the Prefect UI shows it wherever the browser runs (a local file path would be a
+    broken image there); the PNG is also written under ``out_dir``."""
+    import base64
+
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
     from prefect.logging import get_run_logger
 
     from tasks.report import markdown_report, plot_front
 
     logger = get_run_logger()
-    md = markdown_report(result)
     key = "fitprune-pareto-" + result["checkpoint"].lower().replace("_", "-")
-    create_markdown_artifact(markdown=md, key=key, description=f"Pareto front, run {result['run_id']}")
+    create_markdown_artifact(markdown=markdown_report(result), key=key,
+                             description=f"Pareto front and evaluations, run {result['run_id']}")
     png = plot_front(result, out_dir) if out_dir else None
     if out_dir and png is None:
         logger.info("matplotlib is not installed: skipping the metric-vs-FLOPs plot (pip install matplotlib)")
     elif png:
         logger.info(f"plot written to {png}")
-        create_markdown_artifact(markdown=f"![metric vs FLOPs reduction]({png})\n\n`{png}`",
-                                 key=key + "-plot", description="metric vs measured FLOPs reduction per method")
+        url = "data:image/png;base64," + base64.b64encode(open(png, "rb").read()).decode("ascii")
+        create_image_artifact(image_url=url, key=key + "-plot",
+                              description=f"metric vs measured FLOPs reduction per method, run {result['run_id']}")
     return {"markdown_key": key, "plot": png}

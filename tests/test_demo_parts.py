@@ -236,3 +236,32 @@ def test_the_demo_model_is_cached_under_the_data_root(tmp_path):
     assert done.stdout.strip().startswith("fp-")
     assert any((root / "models").glob(f"{CHECKPOINT_NAME}*/*.safetensors"))
     assert not any(home.rglob("*.safetensors")), sorted(home.rglob("*"))
+
+
+def test_an_exported_demo_checkpoint_encodes_and_answers_like_the_demo(demo, demo_spec, tmp_path):
+    """``fitprune export-checkpoint``'s demo checkpoint: a stock LlavaProcessor that encodes exactly as
+    ``DemoProcessor``, the same logits, and it passes the sweep's checks for question sources."""
+    from fitprune.evaluation.harness import DemoEncoder
+    from flows.checks import check_sweep
+    from flows.config import SweepConfig
+    from tasks import models
+    from tasks.export import export_checkpoint
+
+    done = export_checkpoint(demo_spec, tmp_path / "ckpt")
+    assert done["processor"] and done["checkpoint"].startswith("fp-")
+    spec = models.normalize_spec({"kind": "path", "path": done["path"], "dtype": "float32"})
+    check_sweep(SweepConfig(model={k: spec[k] for k in ("kind", "path", "dtype")}, source="easy-vqa:train",
+                            data_root=str(tmp_path / "data")))
+    exported, ours = models.encoder_for(spec), DemoEncoder(demo[1])
+    rng = np.random.default_rng(0)
+    for k, question in enumerate(["What color is the shape?", "Is there a circle?", "How many red squares are there?"]):
+        image = _image() if k == 0 else Image.fromarray(rng.integers(0, 256, (50 + 30 * k, 90, 3), dtype=np.uint8))
+        a, b = exported.encode(image, question), ours.encode(image, question)
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+        assert torch.allclose(a["pixel_values"], b["pixel_values"], atol=1e-6)
+    with torch.no_grad():
+        got = models.load_model(spec)(**a).logits
+        want = demo[0](**b).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    with pytest.raises(ValueError, match="already exists and is not an empty directory"):
+        export_checkpoint(demo_spec, tmp_path / "ckpt")

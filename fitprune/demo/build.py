@@ -73,6 +73,31 @@ class DemoProcessor:
     def decode(self, ids: torch.Tensor) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def to_hf(self):
+        """The same encoding as a stock ``LlavaProcessor`` (the PIL CLIP image processor: 336 px bicubic
+        without crop, ImageNet mean/std; one ``<image>`` expanded to 576 tokens; a chat template that
+        puts the image before the question as :meth:`prompt` does), so a saved checkpoint encodes
+        like the demo model (``tests/test_export.py`` holds the two equal)."""
+        from transformers import LlavaProcessor
+
+        try:
+            from transformers import CLIPImageProcessorPil as ImageProcessor
+        except ImportError:  # transformers before the PIL/torchvision split
+            from transformers import CLIPImageProcessor as ImageProcessor
+        image_processor = ImageProcessor(
+            do_resize=True, size={"height": self.image_size, "width": self.image_size}, resample=3,  # bicubic
+            do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True)
+        content = ("{%- macro content(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+                   "{%- for part in m['content'] -%}{%- if part['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
+                   "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+                   "{%- endmacro -%}")
+        template = content + self.tokenizer.chat_template.replace("message['content']", "content(message)")
+        patch = self.image_size // int(self.num_image_tokens ** 0.5)
+        return LlavaProcessor(image_processor=image_processor, tokenizer=self.tokenizer, patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=template, image_token=IMAGE_TOKEN)
+
 
 def load_language_model(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct (``LlamaForCausalLM``) and its tokenizer from the GGUF file (de-quantized)."""
