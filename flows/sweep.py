@@ -69,10 +69,13 @@ def _run_all(task, calls: list[dict]):
 
 def _calls(config: SweepConfig, spec: dict, info: dict, run_id: str, eval_sets: dict, grid: dict) -> list[dict]:
     """One ``evaluate_shard`` call per (benchmark, recipe, shard); the unpruned model first."""
-    recipe_ids = ["none"] + [rid for m in config.methods for rid in grid[m]]
+    # (recipe id, what task run names and progress lines call it)
+    labels = [("none", "unpruned")] + [(rid, f"{m} -{b:.0%}") for m in config.methods
+                                       for b, rid in zip(config.budgets, grid[m])]
     return [dict(spec=spec, info=info, eval_set=eval_set, recipe_id=rid, start=s, end=e, batch_size=config.batch_size,
-                 run_id=run_id, benchmark=benchmark, root=config.data_root, max_new_tokens=config.max_new_tokens)
-            for benchmark, eval_set in eval_sets.items() for rid in recipe_ids
+                 run_id=run_id, benchmark=benchmark, root=config.data_root, max_new_tokens=config.max_new_tokens,
+                 label=label)
+            for benchmark, eval_set in eval_sets.items() for rid, label in labels
             for s, e in plain_steps.shard_ranges(eval_set["n"], config.shard_size)]
 
 

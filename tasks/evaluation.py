@@ -27,6 +27,7 @@ from storage import store
 
 from . import sources
 from .models import LOCK, encoder_for, load_model, normalize_spec
+from .progress import ShardProgress
 from .recipes import load_recipe
 from .runs import versions
 from .samples import load_samples
@@ -43,7 +44,7 @@ def _next_tokens(model, batch: dict) -> torch.Tensor:
 
 
 def agreement_predictions(model, batches, recipe: Recipe | None, reference: list[torch.Tensor],
-                          dims: ModelDims) -> list[Prediction]:
+                          dims: ModelDims, progress=None) -> list[Prediction]:
     """Per sample: the pruned model's next token against the unpruned model's (``reference``), with
     the prefill FLOPs of the executed token counts and of the same prompt unpruned."""
     preds, L = [], dims.num_layers
@@ -71,21 +72,27 @@ def agreement_predictions(model, batches, recipe: Recipe | None, reference: list
                                     prefill_flops_paper=float(paper[i]),
                                     prefill_flops_paper_full=float(prefill_flops(dims, [visual[i]] * L,
                                                                                  convention=PAPER))))
+        if progress is not None:
+            progress(len(preds))
     return preds
 
 
-def _agreement_shard(spec, model, eval_set: dict, recipe, start: int, end: int, batch_size: int, dims, root):
+def _agreement_shard(spec, model, eval_set: dict, recipe, start: int, end: int, batch_size: int, dims, root,
+                     progress=None):
     batches = load_samples(eval_set, batch_size, spec["device"], start, end, spec=spec, root=root)
     key = repr([sorted(spec.items()), eval_set["id"], eval_set.get("content_hash"), batch_size, start, end])
     if key not in _REFERENCE:
         _REFERENCE[key] = [_next_tokens(model, b) for b in batches]
-    preds = agreement_predictions(model, batches, recipe, _REFERENCE[key], dims)
+    preds = agreement_predictions(model, batches, recipe, _REFERENCE[key], dims, progress=progress)
     return preds, [float(p.prediction == p.answers[0]) for p in preds]
 
 
 def evaluate_shard(spec, info: dict, eval_set: dict, recipe_id: str, start: int, end: int, batch_size: int,
-                   run_id: str, benchmark: str, root, max_new_tokens: int) -> dict:
+                   run_id: str, benchmark: str, root, max_new_tokens: int, label: str | None = None) -> dict:
     """Evaluate stored recipe ``recipe_id`` (``"none"``: the unpruned model) on samples ``start..end-1``.
+
+    ``label`` names the recipe in task run names and progress lines (e.g. ``fitprune −50 %``); default
+    its id. Progress within the shard: ``tasks.progress``.
 
     Writes its ``predictions`` rows, then its ``evaluations`` row (write id ``<run>-<set id>-<recipe>-
     <start>-<end>``, so a retried shard writes once) and returns that row.
@@ -96,15 +103,18 @@ def evaluate_shard(spec, info: dict, eval_set: dict, recipe_id: str, start: int,
     method = "none" if recipe is None else recipe.method
     dims = ModelDims(**info["dims"])
     t0 = time.perf_counter()
+    progress = ShardProgress(f"eval {benchmark} {label or recipe_id} samples {start}-{end}", end - start)
     with LOCK:  # pruning hooks are per model: one evaluation at a time per process
         if sources.is_question_source(eval_set["source"]):
             metric = sources.metric_for(eval_set["source"])
             preds = generate_answers(model, encoder_for(spec, root), sources.question_samples(eval_set, start, end),
-                                     recipe=recipe, batch_size=batch_size, max_new_tokens=max_new_tokens)
+                                     recipe=recipe, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     progress=progress)
             scores = [sample_score(p, metric) for p in preds]
         else:
             metric = AGREEMENT
-            preds, scores = _agreement_shard(spec, model, eval_set, recipe, start, end, batch_size, dims, root)
+            preds, scores = _agreement_shard(spec, model, eval_set, recipe, start, end, batch_size, dims, root,
+                                             progress)
     wall = time.perf_counter() - t0
     shard, write_id = f"{start}-{end}", f"{run_id}-{eval_set['id']}-{recipe_id}-{start}-{end}"
     rows = to_rows(preds, run_id=run_id, recipe_id=recipe_id, checkpoint=info["checkpoint"], method=method,

@@ -28,6 +28,7 @@ from fitprune.stats import collect_stats
 from storage import store
 
 from .models import LOCK, load_model, normalize_spec
+from .progress import ShardProgress
 from .samples import load_samples, sample_ids
 
 __all__ = ["collect_stats_shard", "collected_samples", "read_stats"]
@@ -74,6 +75,15 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _reporting(batches, progress):
+    """The batches, reporting the samples done to ``progress`` as each next one is taken."""
+    done = 0
+    for batch in batches:
+        yield batch
+        done += int(batch["input_ids"].shape[0])
+        progress(done)
+
+
 def collect_stats_shard(spec, calib: dict, checkpoint: str, start: int, end: int, batch_size: int, root) -> dict:
     """Statistics of samples ``start..end-1`` of the set that the store does not hold yet.
 
@@ -98,8 +108,9 @@ def collect_stats_shard(spec, calib: dict, checkpoint: str, start: int, end: int
     if got != want:
         raise ValueError(f"calibration set {calib['id']}: samples {start}-{end} load as {got[:3]}…, but the store "
                          f"recorded {want[:3]}…; the source changed under the same id")
+    progress = ShardProgress(f"statistics {calib['id']} samples {start}-{end}", len(want))
     with LOCK:  # statistics hooks are per model: one collection at a time per process
-        stats = collect_stats(model, batches, checkpoint=checkpoint, calib_id=calib["id"])
+        stats = collect_stats(model, _reporting(batches, progress), checkpoint=checkpoint, calib_id=calib["id"])
     tokens, layers = stats.to_arrow()
     digest = hashlib.sha256("\0".join(want).encode()).hexdigest()[:16]
     write_id = f"{checkpoint}-{calib['id']}-{digest}"  # the samples written, not the shard's range

@@ -19,11 +19,21 @@ start_run = task(name="start-run", retries=2, retry_delay_seconds=2, **_COMMON)(
 model_info = task(name="inspect-checkpoint", retries=1, tags=["gpu"], **_COMMON)(steps.model_info)
 calibration_set = task(name="sample-calibration-set", retries=2, **_COMMON)(steps.calibration_set)
 collect_stats_shard = task(name="collect-statistics-shard", retries=1, retry_delay_seconds=5, tags=["gpu"],
-                           task_run_name="stats-{calib[id]}-{start}-{end}",
+                           task_run_name="statistics {calib[id]} samples {start}-{end}",
                            **_COMMON)(steps.collect_stats_shard)  # collects only samples the store lacks
-fit_budgets = task(name="fit-budget-grid", retries=1, tags=["gpu"], **_COMMON)(steps.fit_budgets)  # the search runs the model
+
+
+def _fit_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    return f"fit {','.join(p['methods'])} at {','.join(f'-{b:.0%}' for b in p['budgets'])}"
+
+
+fit_budgets = task(name="fit-budget-grid", retries=1, tags=["gpu"], task_run_name=_fit_name,
+                   **_COMMON)(steps.fit_budgets)  # the search runs the model
 evaluate_shard = task(name="evaluate-shard", retries=1, tags=["gpu"],
-                      task_run_name="eval-{benchmark}-{recipe_id}-{start}-{end}",
+                      task_run_name="eval {benchmark} {label} samples {start}-{end}",
                       **_COMMON)(steps.evaluate_shard)  # write id per (run, sample set, recipe, shard)
 end_run = task(name="end-run", retries=2, retry_delay_seconds=2, **_COMMON)(steps.end_run)
 run_summary = task(name="summarise-run", retries=2, **_COMMON)(steps.run_summary)

@@ -67,12 +67,12 @@ def test_each_option_reaches_its_field(tmp_path):
     argv = ["sweep", "--budgets", "0.3,0.6", "--methods", "fastv,dart", "--search", "full", "--calib-samples", "12",
             "--eval-samples", "7", "--batch-size", "3", "--seed", "5", "--source", "synthetic:train",
             "--benchmarks", "synthetic:val", "--max-new-tokens", "9", "--shard-size", "11", "--convention",
-            "fitprune-paper", "--device", "cuda:1", "--model", str(ckpt), "--dtype", "float32", "--data-root", "R"]
+            "full", "--device", "cuda:1", "--model", str(ckpt), "--dtype", "float32", "--data-root", "R"]
     config = config_from_args(build_parser().parse_args(argv))
     assert config == SweepConfig(budgets=(0.3, 0.6), methods=("fastv", "dart"), search="full", calib_samples=12,
                                  eval_samples=7, batch_size=3, seed=5, source="synthetic:train",
                                  benchmarks=("synthetic:val",), max_new_tokens=9, shard_size=11,
-                                 convention="fitprune-paper", device="cuda:1", data_root="R",
+                                 convention="full", device="cuda:1", data_root="R",
                                  model=PathModel(path=str(ckpt), dtype="float32"))
     assert config_from_args(build_parser().parse_args(["sweep", "--model", "toy", "--seed", "4"])).resolved().model \
         == ToyModel(seed=4)
@@ -98,7 +98,7 @@ def test_the_deployments_parameters_validate_as_configs():
 
 @pytest.mark.parametrize("argv, message", [
     (["--budgets", "0.5,1.5"], "budgets must lie in (0, 1)"),
-    (["--convention", "flops"], "invalid choice"),
+    (["--convention", "fitprune-paper"], "invalid choice"),
     (["--calib-samples", "2"], "needs at least 4 samples"),
     (["--model", "toy", "--dtype", "float32"], "--dtype applies to the demo model"),
 ])

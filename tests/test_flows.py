@@ -124,7 +124,7 @@ def test_parameters_are_validated_with_clear_messages(tmp_path):
         (dict(source="easy-vqa:train"), "which the toy model cannot read"),  # the CLI's checks, before any model
         (dict(device="gpu"), "--device 'gpu' is not known"),
         (dict(data_root=str(tmp_path / "a[1]")), "which DuckDB reads as a file pattern"),
-        (dict(convention="flops"), "'full' or 'fitprune-paper'"),
+        (dict(convention="fitprune-paper"), "Input should be 'full'"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             validate(**change)
