@@ -50,12 +50,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import os
-import platform
 import sys
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,7 +65,6 @@ import transformers  # noqa: E402
 
 import fitprune  # noqa: E402
 from fitprune import profiling  # noqa: E402
-from fitprune.kernels import fused_scores  # noqa: E402
 from fitprune.prune import cache_of  # noqa: E402
 
 STATIC = "+static"  # label suffix: stock generate with a static cache
@@ -229,19 +225,8 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
     inputs = geo.make_inputs(batch)
     full = bench_gpu.unpruned_flops(geo)
     for m, static in configurations(bench, geo):
-        t0 = time.perf_counter()
-        try:
-            measure(bench, geo, batch, inputs, m, static, full)
-        except Exception as e:  # keep measuring the rest; report at the end
-            bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
-            print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
-        finally:
-            if fitprune.prefill_graphs(geo.model) is not None:
-                fitprune.prefill_graphs(geo.model).remove()
-            if getattr(geo.model, "_fitprune", None) is not None:
-                fitprune.remove(geo.model)
-            bench_gpu._free(bench.device)
-        print(f"  {geo.name} b{batch} {m.label:<24} {time.perf_counter() - t0:6.1f} s", flush=True)
+        bench_gpu.guarded(bench, geo, batch, m, lambda m=m, static=static: measure(bench, geo, batch, inputs, m,
+                                                                                   static, full))
 
 
 def measure(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Method, static: bool, full: float) -> None:
@@ -291,13 +276,7 @@ def try_pruned_static(bench: Bench, geo: Geometry, notes: list[str]) -> None:
 
 
 def print_tables(rows: list[dict]) -> None:
-    keyed: dict[tuple, dict] = defaultdict(dict)
-    order: list[tuple] = []
-    for r in rows:
-        k = (r["geometry"], r["batch"])
-        if k not in order:
-            order.append(k)
-        keyed[k + (r["label"],)][r["metric"]] = r
+    order, keyed = bench_gpu.keyed_rows(rows)
     fmt = bench_gpu._fmt
     for geometry, batch in order:
         print(f"\n== {geometry}  batch {batch}  (× = ratio against unpruned in the same run; FLOPs× of the prefill; "
@@ -328,9 +307,7 @@ def print_tables(rows: list[dict]) -> None:
                 v("split_vision_ms"), v("split_lm_prefill_ms"), v("split_scoring_ms"), v("split_prune_other_ms"),
                 v("split_decode_ms"),
             ])
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        for row in table:
-            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        bench_gpu.print_table(table)
     print("\n×best: against the faster stock form (DynamicCache or static cache) of the same batch.")
 
 
@@ -352,7 +329,7 @@ def parse_args(argv=None):
     p.add_argument("--fastv", action="store_true", help="also FastV (K=2) at each recipe's FLOPs")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--sdpa-backends", default="flash,efficient,math", help="as in bench_gpu.py")
-    p.add_argument("--fused-scores", choices=("on", "off"), default="on",
+    p.add_argument("--fused-scores", choices=("on", "off"), default="on",  # checked by bench_gpu.setup
                    help="FitPrune scores by the fused Triton kernel (on; needs CUDA and Triton, else off) or the torch path")
     p.add_argument("--cuda-graphs", choices=("off", "both"), default="both",
                    help="also measure every configuration with the prefill replayed from CUDA graphs (GPU only)")
@@ -375,20 +352,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # tiny matrices: threads only add stalls on a shared CPU
-    sdpa = bench_gpu.set_sdpa_backends(args.sdpa_backends) if device.type == "cuda" else "cpu"
-    fused = "on" if args.fused_scores == "on" and fused_scores.supported(device) else "off"
-    graphs = args.cuda_graphs == "both" and device.type == "cuda"
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
-    meta = {"gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "fitprune": fitprune.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": str(dtype).replace("torch.", ""), "attn": "sdpa", "sdpa_backends": sdpa, "tiny": bool(args.tiny),
-            "fused_scores": fused, "cuda_graphs": "both" if graphs else "off"}
+    device, dtype, meta = bench_gpu.setup(args)
+    gpu, fused = meta["gpu"], meta["fused_scores"]
     bench = Bench(args, device, meta)
     notes: list[str] = []
     run_meta = {**meta, "benchmark": "bench_generate", "batches": args.batches, "repeats": args.repeats,
@@ -399,14 +364,9 @@ def main(argv=None) -> int:
           f"{' (tiny)' if args.tiny else ''}, fused scores {fused} → {out}", flush=True)
     t_start = time.perf_counter()
     for name in args.geometries:
-        try:
-            geo = bench_gpu.BUILDERS[name](args.tiny, device, dtype)
-        except Exception as e:
-            bench.errors.append(f"{name}: build failed: {type(e).__name__}: {e}")
-            print(f"! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
+        geo = bench_gpu.build_geometry(bench, name, dtype)
+        if geo is None:
             continue
-        if args.budgets is not None:
-            geo.recipes = [m for m in geo.recipes if round(m.budget * 100) in args.budgets]
         print(f"{name}: built in {geo.build_s:.1f} s, {geo.n_visual} visual + {geo.n_other} other tokens; recipes: "
               + "; ".join(f"{m.label} = {m.source}" for m in geo.recipes), flush=True)
         try_pruned_static(bench, geo, notes)
@@ -422,11 +382,7 @@ def main(argv=None) -> int:
     print_tables(bench.rows)
     for note in notes:
         print(f"note: {note}")
-    print(f"\n{len(bench.rows)} rows → {out}; total {time.perf_counter() - t_start:.1f} s")
-    if bench.errors:
-        print(f"{len(bench.errors)} error(s):\n  " + "\n  ".join(bench.errors))
-        return 1
-    return 0
+    return bench_gpu.finish(bench, out, t_start)
 
 
 if __name__ == "__main__":

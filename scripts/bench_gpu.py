@@ -622,22 +622,8 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
         methods += [_graphs_twin(m) for m in methods if not m.torch_scores]
 
     for m in methods + controls:
-        t_cfg = time.perf_counter()
-        try:
-            measure_method(bench, geo, batch, inputs, m, full, paper_full, control=m in controls)
-        except torch.cuda.OutOfMemoryError as e:  # batch 16 of a large geometry may not fit
-            bench.errors.append(f"{geo.name} b{batch} {m.label}: out of memory: {str(e).splitlines()[0]}")
-            print(f"  ! {bench.errors[-1]}", flush=True)
-        except Exception as e:  # keep measuring the rest; report at the end
-            bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
-            print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
-        finally:
-            if fitprune.prefill_graphs(geo.model) is not None:
-                fitprune.prefill_graphs(geo.model).remove()
-            if getattr(geo.model, "_fitprune", None) is not None:
-                fitprune.remove(geo.model)
-            _free(bench.device)
-        print(f"  {geo.name} b{batch} {m.label:<22} {time.perf_counter() - t_cfg:6.1f} s", flush=True)
+        guarded(bench, geo, batch, m,
+                lambda m=m: measure_method(bench, geo, batch, inputs, m, full, paper_full, control=m in controls))
 
     add_random_shares(bench, geo, batch, controls)
     if "stats" in parts:
@@ -649,6 +635,27 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
         _free(bench.device)
     del inputs
     _free(bench.device)
+
+
+def guarded(bench: Bench, geo: Geometry, batch: int, m: Method, run: Callable[[], None]) -> None:
+    """Measure one configuration with ``run``: a failure is recorded and the run goes on; the recipe and
+    graphs are taken off the model afterwards whatever happened."""
+    t_cfg = time.perf_counter()
+    try:
+        run()
+    except torch.cuda.OutOfMemoryError as e:  # a large batch of a large geometry may not fit
+        bench.errors.append(f"{geo.name} b{batch} {m.label}: out of memory: {str(e).splitlines()[0]}")
+        print(f"  ! {bench.errors[-1]}", flush=True)
+    except Exception as e:  # keep measuring the rest; report at the end
+        bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
+        print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
+    finally:
+        if fitprune.prefill_graphs(geo.model) is not None:
+            fitprune.prefill_graphs(geo.model).remove()
+        if getattr(geo.model, "_fitprune", None) is not None:
+            fitprune.remove(geo.model)
+        _free(bench.device)
+    print(f"  {geo.name} b{batch} {m.label:<24} {time.perf_counter() - t_cfg:6.1f} s", flush=True)
 
 
 def add_random_shares(bench: Bench, geo: Geometry, batch: int, controls: list[Method]) -> None:
@@ -809,14 +816,27 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def print_tables(rows: list[dict], geo_info: dict) -> None:
-    keyed = defaultdict(dict)
+def keyed_rows(rows: list[dict]) -> tuple[list[tuple], dict[tuple, dict]]:
+    """(the (geometry, batch) pairs in order, {(geometry, batch, label): {metric: row}})."""
+    keyed: dict[tuple, dict] = defaultdict(dict)
     order: list[tuple] = []
     for r in rows:
         k = (r["geometry"], r["batch"])
         if k not in order:
             order.append(k)
         keyed[k + (r["label"],)][r["metric"]] = r
+    return order, keyed
+
+
+def print_table(table: list[list[str]]) -> None:
+    """Rows of cells, the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def print_tables(rows: list[dict], geo_info: dict) -> None:
+    order, keyed = keyed_rows(rows)
     cols = [  # (header, metric, how)
         ("prefill ms", "prefill_ms", "v"), ("×", "prefill_ms", "r"),
         ("LM ms", "lm_prefill_ms", "v"), ("×", "lm_prefill_ms", "r"),
@@ -861,9 +881,7 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
                     r = metrics.get("scoring_share_vs_random")
                     line.append(_fmt(r and 100 * r["value"], ".1f"))
             table.append(line)
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        for row in table:
-            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        print_table(table)
         fw = keyed.get((geometry, batch, "unpruned"), {}).get("forward_nocache_ms")
         for stats_label in ("collect_stats", "collect_stats" + TORCH_SCORES):
             st = keyed.get((geometry, batch, stats_label), {}).get("stats_ms")
@@ -953,8 +971,9 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup(args) -> tuple[torch.device, torch.dtype, dict]:
+    """Device, dtype and the meta every row carries, from the common options (``--device``, ``--tiny``,
+    ``--sdpa-backends``, ``--fused-scores``, ``--cuda-graphs``); also used by bench_generate.py."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and args.tiny:
@@ -977,6 +996,38 @@ def main(argv=None) -> int:
         "fused_scores": fused,
         "cuda_graphs": args.cuda_graphs if device.type == "cuda" else "off",
     }
+    return device, dtype, meta
+
+
+def build_geometry(bench: Bench, name: str, dtype: torch.dtype) -> Geometry | None:
+    """Geometry ``name`` with its recipes narrowed to ``--budgets``; None (the failure recorded) if it
+    cannot be built."""
+    args = bench.args
+    try:
+        geo = BUILDERS[name](args.tiny, bench.device, dtype)
+    except Exception as e:
+        bench.errors.append(f"{name}: build failed: {type(e).__name__}: {e}")
+        print(f"! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
+        _free(bench.device)
+        return None
+    if args.budgets is not None:
+        geo.recipes = [m for m in geo.recipes if round(m.budget * 100) in args.budgets]
+    return geo
+
+
+def finish(bench: Bench, out: Path, t_start: float) -> int:
+    """The closing lines of a run; exit status 1 if anything failed."""
+    print(f"\n{len(bench.rows)} rows → {out}; total {time.perf_counter() - t_start:.1f} s")
+    if bench.errors:
+        print(f"{len(bench.errors)} error(s):\n  " + "\n  ".join(bench.errors))
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype, meta = setup(args)
+    gpu, fused = meta["gpu"], meta["fused_scores"]
     out = Path(args.out)
     bench = Bench(args, device, meta)
     geo_info: dict[str, dict] = {}
@@ -989,15 +1040,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for name in args.geometries:
         t_geo = time.perf_counter()
-        try:
-            geo = BUILDERS[name](args.tiny, device, dtype)
-        except Exception as e:
-            bench.errors.append(f"{name}: build failed: {type(e).__name__}: {e}")
-            print(f"! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
-            _free(device)
+        geo = build_geometry(bench, name, dtype)
+        if geo is None:
             continue
-        if args.budgets is not None:
-            geo.recipes = [m for m in geo.recipes if round(m.budget * 100) in args.budgets]
         n_params = sum(p.numel() for p in geo.model.parameters())
         geo_info[name] = {"n_visual": geo.n_visual, "n_other": geo.n_other, "layers": geo.dims.num_layers,
                           "params": n_params, "build_s": geo.build_s, "notes": geo.notes,
@@ -1020,11 +1065,7 @@ def main(argv=None) -> int:
     fill_ratios(bench.rows)
     write_rows(out, bench.rows, run_meta, bench.errors)
     print_tables(bench.rows, geo_info)
-    print(f"\n{len(bench.rows)} rows → {out}; total {time.perf_counter() - t_start:.1f} s")
-    if bench.errors:
-        print(f"{len(bench.errors)} error(s):\n  " + "\n  ".join(bench.errors))
-        return 1
-    return 0
+    return finish(bench, out, t_start)
 
 
 if __name__ == "__main__":
