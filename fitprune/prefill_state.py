@@ -90,6 +90,10 @@ class PrefillState:
             initial_real=list(alive_real), versions=[(idx, valid, True)],
         )
 
+    def __repr__(self) -> str:  # the default would print every tensor
+        return (f"PrefillState(batch={len(self.slots)}, input_len={self.input_len}, version={self.version}, "
+                f"alive_visual={self.alive_visual})")
+
     # ------------------------------------------------------------------ views
     @property
     def width(self) -> int:
