@@ -8,14 +8,17 @@ restores the implementation and removes every hook, leaving the stock model.
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from . import attention as attn_registry
 from .adapters import get_adapter
+from .kernels import FUSED_SCORES_ENV
 from .prune import Pruner, PruneReport
 from .recipe import Recipe, validate_for
 
-__all__ = ["Applied", "apply", "attach", "remove", "last_report"]
+__all__ = ["Applied", "apply", "attach", "remove", "last_report", "resolve_fused_scores"]
 
 _ATTR = "_fitprune"
 
@@ -52,20 +55,26 @@ class Applied:
         return f"Applied(method={r.method!r}, scoring={r.scoring!r}, layers={r.num_layers}, budget={r.budget})"
 
 
-def apply(model: nn.Module, recipe: Recipe) -> Applied:
+def apply(model: nn.Module, recipe: Recipe, *, fused_scores: bool | None = None) -> Applied:
     """Prune ``model``'s visual tokens during prefill as ``recipe`` says. Modifies ``model`` in place.
 
     Checks the recipe against the model before any compute (family, layer count), refuses a second
     apply, and keeps the language model on its fast attention (SDPA / FlashAttention): scores are
     computed only at layers with a nonzero entry, only for the query rows they need.
 
+    ``fused_scores`` chooses how FitPrune's scores are computed: ``None`` (default) the fused Triton
+    kernel wherever it can run (a CUDA device of compute capability 8.0+ with Triton installed), else
+    the torch path; ``True`` the kernel, and a ValueError now if it cannot run on the language model's
+    device; ``False`` the torch path. Under ``None`` the environment variable FITPRUNE_FUSED_SCORES=0
+    means ``False``; it is read here, once, never during a forward.
+
     >>> with fitprune.apply(model, fitprune.preset("llava-1.5-7b/60")):
     ...     out = model.generate(**inputs, max_new_tokens=32)
     """
-    return attach(model, recipe)
+    return attach(model, recipe, fused_scores=fused_scores)
 
 
-def attach(model: nn.Module, recipe: Recipe, probe=None) -> Applied:
+def attach(model: nn.Module, recipe: Recipe, probe=None, fused_scores: bool | None = None) -> Applied:
     """:func:`apply` with an optional :class:`fitprune.prune.Probe` (statistics, progressive fit)."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"apply() needs a fitprune.Recipe, got {type(recipe).__name__}; load one with Recipe.load(path)")
@@ -79,12 +88,32 @@ def attach(model: nn.Module, recipe: Recipe, probe=None) -> Applied:
     original_impl = lm.config._attn_implementation
     base = original_impl[len(attn_registry.PREFIX):] if original_impl.startswith(attn_registry.PREFIX) else original_impl
     twin = attn_registry.wrapped_name(base)  # raises for unsupported implementations
-    pruner = Pruner(model, recipe, adapter, probe=probe)
+    pruner = Pruner(model, recipe, adapter, probe=probe, fused_scores=resolve_fused_scores(fused_scores, lm))
     handle = Applied(model, pruner, base)
     lm.set_attn_implementation(twin)
     pruner.install()
     setattr(model, _ATTR, handle)
     return handle
+
+
+def resolve_fused_scores(setting: bool | None, lm: nn.Module) -> bool | None:
+    """The pruner's fused-scores setting: ``setting`` itself, or for None the environment's default
+    (FITPRUNE_FUSED_SCORES=0: False, else None = automatic). True is checked against the language
+    model's device now, so a wrong setting fails before any compute."""
+    if setting is None:
+        return False if os.environ.get(FUSED_SCORES_ENV, "1") == "0" else None
+    if not isinstance(setting, bool):
+        raise TypeError(f"fused_scores must be True, False or None, got {setting!r}")
+    if setting:
+        from .kernels import fused_scores
+
+        device = next(lm.parameters()).device
+        if not fused_scores.supported(device):
+            why = "Triton is not installed" if fused_scores.triton is None else f"the language model is on {device}"
+            raise ValueError(f"fused_scores=True needs the fused Triton kernel, which runs on a CUDA device of "
+                             f"compute capability 8.0+ with Triton installed; {why}. Use fused_scores=None "
+                             "(the kernel where it can run) or False (the torch path).")
+    return setting
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -44,7 +44,7 @@ from transformers import masking_utils
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .adapters import get_adapter
-from .prune import _Prefill, cache_of
+from .prefill_state import PrefillState, cache_of
 
 __all__ = ["PrefillGraphs", "graph_prefill", "prefill_graphs"]
 
@@ -58,7 +58,7 @@ class _Entry:
     graph: object  # torch.cuda.CUDAGraph or _EmulatedGraph
     inputs: dict[str, torch.Tensor]  # static input buffers, copied into before each replay
     output: object  # the captured forward's output (its tensors are the graph's)
-    state: _Prefill | None  # the pruner state the capture ended with (host counts + static tensors)
+    state: PrefillState | None  # the pruner state the capture ended with (host counts + static tensors)
     keep_alive: list = field(default_factory=list)  # tensors the graph reads that live outside its pool
 
 
@@ -238,7 +238,7 @@ class PrefillGraphs:
             return "attentions or hidden states requested"
         if pruner is not None and pruner.probe is not None:
             return "statistics probe"
-        if pruner is not None and (pruner.input_stage is not None or pruner.recipe.scoring == "dart"):
+        if pruner is not None and (pruner.input_stage is not None or not pruner.rule.capturable):
             return f"{pruner.recipe.scoring} selection (data-dependent host work: runs eagerly)"
         if pruner is not None and pruner.prefill is not None and pruner.prefill.version:
             return "pruner state already advanced"
@@ -284,7 +284,7 @@ class PrefillGraphs:
         return kwargs, tuple(parts), None
 
     # ------------------------------------------------------------------ capture / replay
-    def _capture(self, kwargs: dict, pruner, state: _Prefill | None) -> _Entry:
+    def _capture(self, kwargs: dict, pruner, state: PrefillState | None) -> _Entry:
         inputs = {n: v.clone() for n, v in kwargs.items() if isinstance(v, torch.Tensor)}
         call = {**{n: v for n, v in kwargs.items() if n not in _CACHE_NAMES}, **inputs}
         use_cache = kwargs.get("use_cache")
@@ -304,7 +304,7 @@ class PrefillGraphs:
         with _causal_skip_while_capturing():
             graph, output, cap_state = self._record(run)
         self.captures += 1
-        keep = [] if state is None else [state.idx, state.valid, state.visual, state.text, state.real]
+        keep = [] if state is None else state.tensors()  # input-derived: outside the graph's pool
         return _Entry(graph=graph, inputs=inputs, output=output, state=cap_state, keep_alive=keep)
 
     def _record(self, run):
@@ -333,7 +333,9 @@ class PrefillGraphs:
         entry.graph.replay()
         self.replays += 1
         if pruner is not None and entry.state is not None:
-            pruner.prefill = _final_view(entry.state)  # the pruner's end hook reports from it
+            # the pruner's end hook reports from it: the captured host counts and the graph's tensors,
+            # marked static so the report copies what it needs before the next replay overwrites them
+            pruner.prefill = entry.state.copy(static=True)
         return self._output(entry, kwargs)
 
     def _output(self, entry: _Entry, kwargs: dict):
@@ -360,16 +362,7 @@ class PrefillGraphs:
         return type(entry.output)(**fields)
 
 
-def _final_view(state: _Prefill) -> _Prefill:
-    """A copy of a captured final state for the pruner's end-of-forward hook: same host counts,
-    the graph's tensors, marked static so the report copies what it needs right away."""
-    view = object.__new__(_Prefill)
-    view.__dict__.update(state.__dict__)
-    view.static = True
-    return view
-
-
-def _tensors_of(output, state: _Prefill | None) -> list[torch.Tensor]:
+def _tensors_of(output, state: PrefillState | None) -> list[torch.Tensor]:
     """Every tensor a graph replay rewrites, in a fixed order (the emulation copies them)."""
     out = [v for v in output.values() if isinstance(v, torch.Tensor)]
     cache = cache_of(output)
@@ -377,10 +370,7 @@ def _tensors_of(output, state: _Prefill | None) -> list[torch.Tensor]:
         for layer in cache.layers:
             out += [layer.keys, layer.values]
     if state is not None:
-        out += [state.idx, state.valid, state.visual, state.text, state.real]
-        for idx, valid, _ in state.versions:
-            out += [idx, valid]
-        out += [state.dropped_positions[k] for k in sorted(state.dropped_positions)]
+        out += state.tensors()
     return out
 
 

@@ -1,9 +1,11 @@
 """Selection before the language model: the visual tokens a recipe's ``input_fraction`` removes.
 
 Pre-LLM methods (DivPrune, VisionZip, and a random control) choose which visual tokens the language
-model never sees. The engine (:class:`fitprune.prune.Pruner`) asks :meth:`InputStage.select` in the
-pre-hook of decoder layer 0, on the embeddings that layer receives, and then removes the tokens
-exactly as a pruning layer does; survivors keep their original RoPE positions.
+model never sees. The engine (:class:`fitprune.prune.Pruner`) calls :meth:`InputStage.drop_before_layer0` in the
+pre-hook of decoder layer 0: the recipe's rule (``before_llm`` in :mod:`fitprune.rules`) chooses on
+the embeddings that layer receives, and the tokens are removed exactly as a pruning layer removes
+them; survivors keep their original RoPE positions. Layer 0's KV cache is then re-laid at the
+prompt's full length (transformers reads the cache length from layer 0).
 
 VisionZip needs more than the embeddings: the CLS attention and keys of the vision tower's feature
 layer (taken from its query/key projections by forward hooks, whatever attention implementation
@@ -17,10 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import scoring
+from . import rules
 from .baselines import FAMILIES
+from .prefill_state import cache_of
+from .profiling import stage
 from .recipe import RecipeError
-from .selection import divprune_keep, visionzip_cls_attention, visionzip_select
+from .selection import visionzip_cls_attention, visionzip_select
 
 __all__ = ["InputStage", "VisionTap"]
 
@@ -113,40 +117,59 @@ class VisionTap:
 
 
 class InputStage:
-    """What a recipe with ``input_fraction > 0`` removes before layer 0, per prefill."""
+    """What a recipe with ``input_fraction > 0`` removes before layer 0, per prefill; the rule's
+    ``before_llm`` (:mod:`fitprune.rules`) chooses, this class applies it and re-lays layer 0's cache."""
 
     def __init__(self, pruner) -> None:
         recipe = pruner.recipe
-        self.pruner, self.recipe = pruner, recipe
-        self.vision = VisionTap(pruner.model, pruner.adapter.family, recipe) if recipe.scoring == "visionzip" else None
+        self.pruner, self.recipe, self.rule = pruner, recipe, rules.get(recipe.scoring)
+        self.vision = VisionTap(pruner.model, pruner.adapter.family, recipe) if self.rule.vision_tap else None
 
     def install(self) -> list:
-        return self.vision.install() if self.vision is not None else []
+        handles = self.vision.install() if self.vision is not None else []
+        return handles + [self.pruner.layers[0].register_forward_hook(self._pad_first_cache)]
 
     def select(self, state, hidden: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """(drop (B, L) bool, per-sample counts) for the first layer's input ``hidden`` (B, L, D)."""
-        rule, candidates = self.recipe.scoring, state.visual & state.valid
-        if rule == "visionzip":
-            return self._visionzip(state)
-        counts = [self.recipe.input_count(n) for n in state.alive_visual]
-        if rule == "divprune":
-            keep = self.pruner._k_tensor([n - c for n, c in zip(state.alive_visual, counts)], hidden.device)
-            return candidates & ~divprune_keep(hidden, candidates, keep), counts
-        scores = self.pruner._random_scores(tuple(candidates.shape), -1, hidden.device)
-        return scoring.select_drops(scores, candidates, self.pruner._k_tensor(counts, hidden.device)), counts
+        return self.rule.before_llm(rules.InputContext(self, state, hidden))
 
-    def _visionzip(self, state) -> tuple[torch.Tensor, list[int]]:
-        kept, per_image = self.vision.take()
-        if not any(state.alive_visual):
-            return torch.zeros_like(state.visual), [0] * len(state.alive_visual)
-        if kept is None:
-            raise RuntimeError("visionzip: the prompt has image tokens but its images did not go through the "
-                               "projector with this recipe applied (pass pixel_values with input_ids)")
-        n_patch, keep = per_image
-        bad = [n for n in state.alive_visual if n % n_patch]
-        if bad or sum(state.alive_visual) != kept.numel():
-            raise RecipeError(f"visionzip: {sum(state.alive_visual)} image tokens in the prompt do not match "
-                              f"{kept.shape[0]} images of {n_patch} patches")
-        drop = torch.zeros_like(state.visual)
-        drop[state.visual] = ~kept.reshape(-1)  # image features fill the image tokens in row-major order
-        return drop, [n // n_patch * (n_patch - keep) for n in state.alive_visual]
+    def drop_before_layer0(self, state, args, kwargs):
+        """Layer 0's pre-hook: remove the chosen tokens from its input before it runs."""
+        in_kwargs = "hidden_states" in kwargs
+        hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+        with stage("input_stage"):
+            drop, counts = self.select(state, hidden)
+        if not any(counts):
+            return args, kwargs
+        state.pending[-1] = (drop, counts)
+        hidden = self.pruner.compact(state, -1, hidden)
+        state.cache = cache_of(kwargs)
+        if in_kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    def _pad_first_cache(self, layer, args, output):
+        """After layer 0 ran on the survivors: lay its KV cache out at the prompt's full length
+        (removed slots zero, masked in every decode step), so the cache length transformers reads from
+        layer 0 stays the prompt length."""
+        state = self.pruner.prefill
+        if state is None or state.cache is None or -1 not in state.dropped_positions:
+            return None
+        with stage("input_stage"):
+            idx, valid, _ = state.versions[1]  # the slots layer 0 ran on
+            store = getattr(state.cache, "layers", None)
+            first = store[0] if store else None
+            if first is None or not hasattr(first, "keys"):
+                raise NotImplementedError(f"fitprune cannot re-lay layer 0 of a {type(state.cache).__name__} "
+                                          "for a recipe that selects before the language model")
+            for name in ("keys", "values"):
+                t = getattr(first, name)  # (B, Hkv, Lc, hd)
+                index = idx[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                full = t.new_zeros(t.shape[0], t.shape[1], state.input_len, t.shape[-1]).scatter(2, index, t)
+                setattr(first, name, full)
+            bsz = idx.shape[0]
+            positions = torch.arange(state.input_len, device=idx.device).expand(bsz, -1)
+            kept = torch.zeros(bsz, state.input_len, dtype=torch.bool, device=idx.device).scatter(1, idx, valid)
+            state.decode_views[0] = (positions, kept, False)
+            state.cache = None
+        return None

@@ -24,7 +24,8 @@ from .apply import attach, remove
 from .calibration import CalibrationStats
 from .fit import FitResult, fit
 from .flops import ModelDims
-from .prune import Probe, PruneReport, _Prefill
+from .prefill_state import PrefillView
+from .prune import Probe, PruneReport
 from .recipe import Recipe
 
 __all__ = ["Refined", "alpha_drops", "fit_progressive", "progressive_walk", "refine"]
@@ -58,7 +59,7 @@ class _AlphaProbe(Probe):
         self.rows: slice | None = None
         self.counts: list[np.ndarray] = []
 
-    def begin(self, state: _Prefill) -> None:
+    def begin(self, state: PrefillView) -> None:
         self._layer_counts: dict[int, torch.Tensor] = {}  # layers with no alive visual token are absent
 
     def on_scores(self, layer, state, cross, self_, candidates):
@@ -71,7 +72,7 @@ class _AlphaProbe(Probe):
         self._layer_counts[layer] = drop.sum(1)
         return drop
 
-    def end(self, state: _Prefill, report: PruneReport) -> None:
+    def end(self, state: PrefillView, report: PruneReport) -> None:
         counts = np.zeros((state.idx.shape[0], self.cross_mass.shape[1]), dtype=np.int64)
         for layer, c in self._layer_counts.items():
             counts[:, layer] = c.cpu().numpy()

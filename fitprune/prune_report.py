@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["PruneReport"]
+__all__ = ["PruneReport", "report_of"]
 
 
 class PruneReport:
@@ -64,3 +65,46 @@ class PruneReport:
 
     def __repr__(self) -> str:
         return f"PruneReport(samples={len(self.n_visual)}, n_visual={self.n_visual.tolist()})"
+
+
+def report_of(state, num_layers: int) -> PruneReport:
+    """The report of a finished prefill from its :class:`~fitprune.prefill_state.PrefillState`; counts
+    from the host bookkeeping, ``kept``/``dropped`` read from the device only when asked for."""
+    n_layers = len(state.attn_counts)
+    attn_real = np.array([c[0] for c in state.attn_counts]).T  # (B, L)
+    attn_vis = np.array([c[1] for c in state.attn_counts]).T
+    # tokens left after a layer's pruning = tokens entering the next; after the last: alive now
+    mlp_real = np.concatenate([attn_real[:, 1:], np.array(state.alive_real)[:, None]], axis=1)[:, :n_layers]
+    mlp_vis = np.concatenate([attn_vis[:, 1:], np.array(state.alive_visual)[:, None]], axis=1)[:, :n_layers]
+    idx, valid, positions = state.idx, state.valid, dict(state.dropped_positions)
+    bsz, length = idx.shape[0], state.input_len
+
+    def kept_on_device() -> torch.Tensor:
+        return torch.zeros(bsz, length, dtype=torch.bool, device=idx.device).scatter_(1, idx, valid)
+
+    kept_now = None
+    if state.static:  # a graph replay: copy now (queued, no wait) before the next replay overwrites
+        kept_now = kept_on_device()
+        if positions:
+            flat = torch.cat(list(positions.values()), 1).split([p.shape[1] for p in positions.values()], 1)
+            positions = dict(zip(positions, flat))
+
+    def kept() -> np.ndarray:
+        return (kept_now if kept_now is not None else kept_on_device()).cpu().numpy()
+
+    def rows(pos) -> list[list[int]]:
+        return [sorted(p for p in row if p >= 0) for row in pos.cpu().tolist()]
+
+    def dropped() -> list[list[list[int]]]:
+        out = [[[] for _ in range(num_layers)] for _ in range(bsz)]
+        for layer, pos in positions.items():
+            if layer >= 0:
+                for b, row in enumerate(rows(pos)):
+                    out[b][layer] = row
+        return out
+
+    def dropped_input() -> list[list[int]]:
+        return rows(positions[-1]) if -1 in positions else [[] for _ in range(bsz)]
+
+    return PruneReport(attn_real, mlp_real, attn_vis, mlp_vis, kept, dropped, n_visual=state.initial_visual,
+                       dropped_input_fn=dropped_input, input_tokens=state.initial_real)

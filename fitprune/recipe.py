@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
+from . import rules as _rules
+
 __all__ = ["FORMAT_VERSION", "SCORINGS", "Recipe", "RecipeError", "validate_for"]
 
 FORMAT_VERSION = 1
-SCORINGS = ("fitprune", "fastv", "random", "dart", "divprune", "visionzip")  # scoring rules known to the engine
-LAYER_SCORINGS = ("fitprune", "fastv", "random", "dart")  # may drop after decoder layers
-INPUT_SCORINGS = ("divprune", "visionzip", "random")  # may drop before layer 0 (``input_fraction``)
-MERGE_SCORINGS = ("visionzip",)  # may merge removed tokens into kept ones (``merge_fraction``)
+# the scoring rules known to the engine, from its registry (fitprune.rules: one entry per name)
+SCORINGS = _rules.names()
+LAYER_SCORINGS = _rules.names("layers")  # may drop after decoder layers
+INPUT_SCORINGS = _rules.names("input")  # may drop before layer 0 (``input_fraction``)
+MERGE_SCORINGS = _rules.names("merge")  # may merge removed tokens into kept ones (``merge_fraction``)
 
 _EPS_COUNT = 1e-6  # fractions are stored as count / n; floor(frac * n + eps) gives the count back
 _EPS_SUM = 1e-9
@@ -114,8 +117,7 @@ class Recipe:
             )
         object.__setattr__(self, "drop_fractions", fr)
 
-        if self.scoring not in SCORINGS:
-            raise RecipeError(f"unknown scoring {self.scoring!r}; known scorings: {', '.join(SCORINGS)}")
+        _rules.get(self.scoring)  # an unknown name: RecipeError listing the known ones
         if self.input_fraction > 0 and self.scoring not in INPUT_SCORINGS:
             raise RecipeError(
                 f"input_fraction = {self.input_fraction:g} with scoring {self.scoring!r}: only "

@@ -20,7 +20,8 @@ from torch import nn
 from .adapters import get_adapter
 from .apply import attach, remove
 from .calibration import CalibrationStats
-from .prune import Probe, PruneReport, _Prefill
+from .prefill_state import PrefillView
+from .prune import Probe, PruneReport
 from .recipe import Recipe
 
 __all__ = ["collect_stats"]
@@ -35,7 +36,7 @@ class _StatsProbe(Probe):
         self.counts: list[tuple] = []  # per batch (n_system, n_visual, n_text), each (B,)
         self.names: list[str] = []  # sample ids of the batch being run
 
-    def begin(self, state: _Prefill) -> None:
+    def begin(self, state: PrefillView) -> None:
         visual = state.visual
         empty = [self.names[b] for b, n in enumerate(state.alive_visual) if n == 0]
         if empty:
@@ -61,7 +62,7 @@ class _StatsProbe(Probe):
             out[layer] = dense[:, :-1].cpu().numpy()
         return None
 
-    def end(self, state: _Prefill, report: PruneReport) -> None:
+    def end(self, state: PrefillView, report: PruneReport) -> None:
         if not self._cross:
             return  # a forward without visual tokens: nothing to record
         gone = np.full((self._bsz, self._n_vis), np.nan, dtype=np.float32)  # every visual token dropped
@@ -86,6 +87,7 @@ def collect_stats(
     checkpoint: str | None = None,
     calib_id: str | None = None,
     progress: Callable[[int], None] | bool = False,
+    fused_scores: bool | None = None,
 ) -> CalibrationStats:
     """Cross/self scores of every visual token at every layer for a calibration set.
 
@@ -93,6 +95,7 @@ def collect_stats(
     processor returns them; an optional ``"sample_ids"`` entry (list of str) names the samples.
     Every sample must contain visual tokens. Returns :class:`CalibrationStats`; its ``to_arrow()``
     gives the token table (sample, layer, token, cross, self) and the layer table (masses and counts).
+    ``fused_scores``: how the scores are computed, as in :func:`fitprune.apply`.
     """
     adapter = get_adapter(model)
     num_layers = adapter.num_layers(model)
@@ -101,7 +104,7 @@ def collect_stats(
     probe = _StatsProbe(num_layers)
     tick = _progress(progress)
     ids_seen: list[str] = []
-    attach(model, recipe, probe=probe)
+    attach(model, recipe, probe=probe, fused_scores=fused_scores)
     try:
         for batch in batches:
             batch = dict(batch)

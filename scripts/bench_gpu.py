@@ -31,13 +31,15 @@ cold call of every configuration is reported too, as ``prefill_cold_ms``):
    forward, so tokens/s = batch x (new tokens - 1) / that time);
 6. peak memory (``torch.cuda.max_memory_allocated``, reset before each measurement; total and
    above what was allocated before the call) and KV-cache bytes after a prefill;
-7. the share of pruned-prefill time spent scoring, two ways: (a) the scoring functions of
-   ``fitprune.scoring`` (and the fused kernel's ``fused_cross_self``) wrapped with synchronised timers in
-   a separate run (the syncs cost time themselves: ``sync_overhead`` = synced / normal prefill time),
+7. the share of pruned-prefill time spent scoring, two ways: (a) the library's own stage timer
+   (``fitprune.profiling.StageTimer(sync=True)``: a synchronise before and after each of the pruner's
+   ``scoring`` and ``selection`` stages) in a separate run (the syncs cost time themselves:
+   ``sync_overhead`` = synced / normal prefill time; ``selection`` includes the sort that lays out the
+   kept slots),
    (b) the same schedule with scoring="random" (share = 1 - t_random / t_recipe; a lower bound, since
    random scores are drawn on the CPU and copied to the GPU at each pruning layer);
 8. FitPrune's scores with and without the fused Triton kernel (``--fused-scores both``, the default on
-   a GPU with Triton): each FitPrune recipe is also measured with FITPRUNE_FUSED_SCORES=0 (label
+   a GPU with Triton): each FitPrune recipe is also measured with ``fused_scores=False`` (label
    ``<recipe>/torch-scores``: prefill, memory, synced scoring; no decode, which the kernel does not
    touch), and so is ``collect_stats`` (``collect_stats/torch-scores``). Without CUDA or Triton only
    the torch path runs;
@@ -114,7 +116,7 @@ from transformers import (  # noqa: E402
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches  # noqa: E402
 
 import fitprune  # noqa: E402
-from fitprune import baselines, scoring  # noqa: E402
+from fitprune import baselines, profiling  # noqa: E402
 from fitprune.flops import ModelDims, prefill_flops, recipe_reduction  # noqa: E402
 from fitprune.kernels import fused_scores  # noqa: E402
 from fitprune.presets import preset  # noqa: E402
@@ -192,31 +194,15 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def set_fused_scores(requested: str, device: torch.device) -> str:
-    """Switch the fused scoring kernel for the run (FITPRUNE_FUSED_SCORES); returns on, off or both as
-    measured: without CUDA or Triton only the torch path exists, so anything becomes off."""
-    os.environ[fused_scores.ENV_VAR] = "1"
-    if requested != "off" and not fused_scores.available(torch.empty(0, device=device)):
+def check_fused_scores(requested: str, device: torch.device) -> str:
+    """The fused-kernel mode of the run (on, off or both) as it can be measured: without CUDA or Triton
+    only the torch path exists, so anything becomes off. Each configuration then passes its setting to
+    ``fitprune.apply`` explicitly (:meth:`Bench.fused_setting`)."""
+    if requested != "off" and not fused_scores.supported(device):
         print(f"--fused-scores {requested}: the fused kernel needs a CUDA GPU and Triton; measuring the torch "
               "path only", flush=True)
         requested = "off"
-    os.environ[fused_scores.ENV_VAR] = "0" if requested == "off" else "1"
     return requested
-
-
-@contextlib.contextmanager
-def torch_scores(on: bool = True):
-    """Score with the torch path inside (FITPRUNE_FUSED_SCORES=0) when ``on``."""
-    before = os.environ.get(fused_scores.ENV_VAR)
-    if on:
-        os.environ[fused_scores.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(fused_scores.ENV_VAR, None)
-        else:
-            os.environ[fused_scores.ENV_VAR] = before
 
 
 # ------------------------------------------------------------------------------------ geometries
@@ -466,6 +452,11 @@ class Bench:
         self.rows: list[dict] = []
         self.errors: list[str] = []
 
+    def fused_setting(self, torch_scores: bool) -> bool:
+        """``fused_scores=`` for fitprune.apply / collect_stats: the kernel unless the run or this
+        configuration scores by the torch path."""
+        return self.fused != "off" and not torch_scores
+
     # rows ------------------------------------------------------------------------------------------
     def add(self, geo: Geometry, batch: int, m: Method | None, metric: str, value, unit: str,
             flops_ratio: float | None = None) -> None:
@@ -569,20 +560,19 @@ class Bench:
         return {k: _median(v) for k, v in res.items()}
 
     def scoring_synced(self, geo: Geometry, inputs: dict, repeats: int) -> dict:
-        """Scoring time with every ``fitprune.scoring`` call wrapped in synchronised timers."""
-        acc: dict[str, float] = defaultdict(float)
+        """Scoring and selection time from the library's stage timer, synchronised around each stage."""
         totals, per = [], defaultdict(list)
-        with timed_scoring(self.clock, acc):
+        with profiling.StageTimer(self.device, sync=True) as timer:
             for _ in range(repeats):  # shapes are warm already (the timed prefill ran first)
-                acc.clear()
+                timer.reset()
                 self.clock.sync()
                 t0 = time.perf_counter()
                 out = geo.model(**inputs, use_cache=True, logits_to_keep=1)
                 del out
                 self.clock.sync()
                 totals.append(time.perf_counter() - t0)
-                for name in ("score", "select"):
-                    per[name].append(acc.get(name, 0.0))
+                per["score"].append(timer.total("scoring", "dart", "input_stage"))
+                per["select"].append(timer.total("selection"))
         return {"total": _median(totals), "score": _median(per["score"]), "select": _median(per["select"])}
 
 
@@ -598,39 +588,6 @@ def cache_bytes(cache) -> int:
     else:  # older layout
         tensors += list(getattr(cache, "key_cache", [])) + list(getattr(cache, "value_cache", []))
     return int(sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
-
-
-_SCORE_FNS = {"head_max_probs": "score", "cross_self": "score", "fastv_scores": "score",
-              "random_scores": "score", "select_drops": "select"}
-
-
-@contextlib.contextmanager
-def timed_scoring(clock: Clock, acc: dict):
-    """Wrap ``fitprune.scoring``'s functions (the pruner calls them as ``scoring.<name>``) with
-    synchronised wall-clock timers adding into ``acc["score"]`` / ``acc["select"]``."""
-    originals = {name: getattr(scoring, name) for name in _SCORE_FNS}
-    fused = fused_scores.fused_cross_self  # the pruner calls it as fused_scores.fused_cross_self
-
-    def wrap(name, fn):
-        def timed(*a, **kw):
-            clock.sync()
-            t0 = time.perf_counter()
-            result = fn(*a, **kw)
-            clock.sync()
-            acc[_SCORE_FNS[name]] += time.perf_counter() - t0
-            return result
-
-        return timed
-
-    try:
-        for name, fn in originals.items():
-            setattr(scoring, name, wrap(name, fn))
-        fused_scores.fused_cross_self = wrap("cross_self", fused)
-        yield acc
-    finally:
-        for name, fn in originals.items():
-            setattr(scoring, name, fn)
-        fused_scores.fused_cross_self = fused
 
 
 # ------------------------------------------------------------------------------ one geometry/batch
@@ -665,22 +622,8 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
         methods += [_graphs_twin(m) for m in methods if not m.torch_scores]
 
     for m in methods + controls:
-        t_cfg = time.perf_counter()
-        try:
-            measure_method(bench, geo, batch, inputs, m, full, paper_full, control=m in controls)
-        except torch.cuda.OutOfMemoryError as e:  # batch 16 of a large geometry may not fit
-            bench.errors.append(f"{geo.name} b{batch} {m.label}: out of memory: {str(e).splitlines()[0]}")
-            print(f"  ! {bench.errors[-1]}", flush=True)
-        except Exception as e:  # keep measuring the rest; report at the end
-            bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
-            print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
-        finally:
-            if fitprune.prefill_graphs(geo.model) is not None:
-                fitprune.prefill_graphs(geo.model).remove()
-            if getattr(geo.model, "_fitprune", None) is not None:
-                fitprune.remove(geo.model)
-            _free(bench.device)
-        print(f"  {geo.name} b{batch} {m.label:<22} {time.perf_counter() - t_cfg:6.1f} s", flush=True)
+        guarded(bench, geo, batch, m,
+                lambda m=m: measure_method(bench, geo, batch, inputs, m, full, paper_full, control=m in controls))
 
     add_random_shares(bench, geo, batch, controls)
     if "stats" in parts:
@@ -692,6 +635,27 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
         _free(bench.device)
     del inputs
     _free(bench.device)
+
+
+def guarded(bench: Bench, geo: Geometry, batch: int, m: Method, run: Callable[[], None]) -> None:
+    """Measure one configuration with ``run``: a failure is recorded and the run goes on; the recipe and
+    graphs are taken off the model afterwards whatever happened."""
+    t_cfg = time.perf_counter()
+    try:
+        run()
+    except torch.cuda.OutOfMemoryError as e:  # a large batch of a large geometry may not fit
+        bench.errors.append(f"{geo.name} b{batch} {m.label}: out of memory: {str(e).splitlines()[0]}")
+        print(f"  ! {bench.errors[-1]}", flush=True)
+    except Exception as e:  # keep measuring the rest; report at the end
+        bench.errors.append(f"{geo.name} b{batch} {m.label}: {type(e).__name__}: {e}")
+        print(f"  ! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
+    finally:
+        if fitprune.prefill_graphs(geo.model) is not None:
+            fitprune.prefill_graphs(geo.model).remove()
+        if getattr(geo.model, "_fitprune", None) is not None:
+            fitprune.remove(geo.model)
+        _free(bench.device)
+    print(f"  {geo.name} b{batch} {m.label:<24} {time.perf_counter() - t_cfg:6.1f} s", flush=True)
 
 
 def add_random_shares(bench: Bench, geo: Geometry, batch: int, controls: list[Method]) -> None:
@@ -711,11 +675,12 @@ def measure_method(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Met
                    paper_full: float, control: bool) -> None:
     args, parts = bench.args, bench.args.parts
     warmup, repeats = (1, max(1, args.repeats // 2)) if control else (max(1, args.warmup), args.repeats)
-    handle = fitprune.apply(geo.model, m.recipe) if m.recipe is not None else contextlib.nullcontext()
+    handle = (fitprune.apply(geo.model, m.recipe, fused_scores=bench.fused_setting(m.torch_scores))
+              if m.recipe is not None else contextlib.nullcontext())
     # one graph at a time: generate's prefill (a cache argument) is another geometry than the timed prefill's,
     # and each graph keeps a pool of one prefill's activations and KV cache (LLaVA-NeXT at batch 16: ~28 GB)
     graphed = fitprune.graph_prefill(geo.model, max_graphs=1) if m.graphs else contextlib.nullcontext()
-    with handle, graphed, torch.no_grad(), torch_scores(m.torch_scores):
+    with handle, graphed, torch.no_grad():
         whole, lm, cold, report = bench.prefill(geo, inputs, warmup, repeats)
         if m.recipe is None:
             fr, red_paper = 1.0, 0.0
@@ -788,8 +753,8 @@ def measure_stats(bench: Bench, geo: Geometry, batch: int, inputs: dict) -> None
             out = model(**inputs, use_cache=False)
         del out
 
-    def stats():
-        collect_stats(model, [inputs])
+    def stats(torch_scores: bool):
+        collect_stats(model, [inputs], fused_scores=bench.fused_setting(torch_scores))
 
     t_plain, m_plain = timed(plain)
     unpruned = Method("unpruned", "unpruned", None, None, "stock model")
@@ -802,8 +767,7 @@ def measure_stats(bench: Bench, geo: Geometry, batch: int, inputs: dict) -> None
         variants.append(Method("collect_stats" + TORCH_SCORES, "collect_stats", None, None,
                                source + "; scores by the torch path (fused kernel off)", torch_scores=True))
     for stats_m in variants:
-        with torch_scores(stats_m.torch_scores):
-            t_stats, m_stats = timed(stats)
+        t_stats, m_stats = timed(lambda: stats(stats_m.torch_scores))
         bench.add(geo, batch, stats_m, "stats_ms", t_stats * 1e3, "ms", 1.0)
         if cuda:
             bench.add(geo, batch, stats_m, "peak_stats_extra_bytes", m_stats, "bytes", 1.0)
@@ -852,14 +816,27 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def print_tables(rows: list[dict], geo_info: dict) -> None:
-    keyed = defaultdict(dict)
+def keyed_rows(rows: list[dict]) -> tuple[list[tuple], dict[tuple, dict]]:
+    """(the (geometry, batch) pairs in order, {(geometry, batch, label): {metric: row}})."""
+    keyed: dict[tuple, dict] = defaultdict(dict)
     order: list[tuple] = []
     for r in rows:
         k = (r["geometry"], r["batch"])
         if k not in order:
             order.append(k)
         keyed[k + (r["label"],)][r["metric"]] = r
+    return order, keyed
+
+
+def print_table(table: list[list[str]]) -> None:
+    """Rows of cells, the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+
+
+def print_tables(rows: list[dict], geo_info: dict) -> None:
+    order, keyed = keyed_rows(rows)
     cols = [  # (header, metric, how)
         ("prefill ms", "prefill_ms", "v"), ("×", "prefill_ms", "r"),
         ("LM ms", "lm_prefill_ms", "v"), ("×", "lm_prefill_ms", "r"),
@@ -904,9 +881,7 @@ def print_tables(rows: list[dict], geo_info: dict) -> None:
                     r = metrics.get("scoring_share_vs_random")
                     line.append(_fmt(r and 100 * r["value"], ".1f"))
             table.append(line)
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        for row in table:
-            print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        print_table(table)
         fw = keyed.get((geometry, batch, "unpruned"), {}).get("forward_nocache_ms")
         for stats_label in ("collect_stats", "collect_stats" + TORCH_SCORES):
             st = keyed.get((geometry, batch, stats_label), {}).get("stats_ms")
@@ -996,14 +971,15 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def setup(args) -> tuple[torch.device, torch.dtype, dict]:
+    """Device, dtype and the meta every row carries, from the common options (``--device``, ``--tiny``,
+    ``--sdpa-backends``, ``--fused-scores``, ``--cuda-graphs``); also used by bench_generate.py."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cpu" and args.tiny:
         torch.set_num_threads(1)  # tiny matrices: threads only add stalls on a shared CPU
     sdpa = set_sdpa_backends(args.sdpa_backends) if device.type == "cuda" else "cpu"
-    fused = set_fused_scores(args.fused_scores, device)
+    fused = check_fused_scores(args.fused_scores, device)
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
@@ -1020,6 +996,38 @@ def main(argv=None) -> int:
         "fused_scores": fused,
         "cuda_graphs": args.cuda_graphs if device.type == "cuda" else "off",
     }
+    return device, dtype, meta
+
+
+def build_geometry(bench: Bench, name: str, dtype: torch.dtype) -> Geometry | None:
+    """Geometry ``name`` with its recipes narrowed to ``--budgets``; None (the failure recorded) if it
+    cannot be built."""
+    args = bench.args
+    try:
+        geo = BUILDERS[name](args.tiny, bench.device, dtype)
+    except Exception as e:
+        bench.errors.append(f"{name}: build failed: {type(e).__name__}: {e}")
+        print(f"! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
+        _free(bench.device)
+        return None
+    if args.budgets is not None:
+        geo.recipes = [m for m in geo.recipes if round(m.budget * 100) in args.budgets]
+    return geo
+
+
+def finish(bench: Bench, out: Path, t_start: float) -> int:
+    """The closing lines of a run; exit status 1 if anything failed."""
+    print(f"\n{len(bench.rows)} rows → {out}; total {time.perf_counter() - t_start:.1f} s")
+    if bench.errors:
+        print(f"{len(bench.errors)} error(s):\n  " + "\n  ".join(bench.errors))
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype, meta = setup(args)
+    gpu, fused = meta["gpu"], meta["fused_scores"]
     out = Path(args.out)
     bench = Bench(args, device, meta)
     geo_info: dict[str, dict] = {}
@@ -1032,15 +1040,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for name in args.geometries:
         t_geo = time.perf_counter()
-        try:
-            geo = BUILDERS[name](args.tiny, device, dtype)
-        except Exception as e:
-            bench.errors.append(f"{name}: build failed: {type(e).__name__}: {e}")
-            print(f"! {bench.errors[-1]}\n{traceback.format_exc()}", flush=True)
-            _free(device)
+        geo = build_geometry(bench, name, dtype)
+        if geo is None:
             continue
-        if args.budgets is not None:
-            geo.recipes = [m for m in geo.recipes if round(m.budget * 100) in args.budgets]
         n_params = sum(p.numel() for p in geo.model.parameters())
         geo_info[name] = {"n_visual": geo.n_visual, "n_other": geo.n_other, "layers": geo.dims.num_layers,
                           "params": n_params, "build_s": geo.build_s, "notes": geo.notes,
@@ -1063,11 +1065,7 @@ def main(argv=None) -> int:
     fill_ratios(bench.rows)
     write_rows(out, bench.rows, run_meta, bench.errors)
     print_tables(bench.rows, geo_info)
-    print(f"\n{len(bench.rows)} rows → {out}; total {time.perf_counter() - t_start:.1f} s")
-    if bench.errors:
-        print(f"{len(bench.errors)} error(s):\n  " + "\n  ".join(bench.errors))
-        return 1
-    return 0
+    return finish(bench, out, t_start)
 
 
 if __name__ == "__main__":

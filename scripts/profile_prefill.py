@@ -8,8 +8,11 @@ launch-bound time), and kernel time per category (GEMM, attention, fused scoring
 gather/scatter/index, norm/elementwise, other) with the top kernels. A JSON of the table goes to
 ``--out``. The "fused scoring" and "sort/select" categories are fitprune's scoring and selection
 kernels (the stock model runs no sorts); the small elementwise kernels around them count elsewhere.
+The library marks its own stages with profiler ranges (``fitprune.profiling``: input_stage, scoring,
+selection, dart, compaction, reslice); the GPU time inside each is printed too, all of it included.
 
     python scripts/profile_prefill.py --geometry llava-1.5-7b --batches 1,8 --recipes 70
+    python scripts/profile_prefill.py --tiny --batches 1     # tiny geometry on the CPU: a smoke run
 """
 
 from __future__ import annotations
@@ -29,39 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 
 import fitprune  # noqa: E402
-from fitprune import prune, scoring  # noqa: E402
+from fitprune import profiling  # noqa: E402
 
-# fitprune's own work, marked with profiler ranges: kernel time launched inside each range is summed
-RANGES = {"scoring": "fitprune.scoring", "selection": "fitprune.selection", "compaction": "fitprune.compaction"}
-
-
-def _ranged(fn, name):
-    def wrapped(*a, **kw):
-        with torch.profiler.record_function(name):
-            return fn(*a, **kw)
-
-    return wrapped
-
-
-def annotate_pruner() -> None:
-    """Wrap the pruner's scoring, selection and gather/scatter steps in profiler ranges."""
-    cls = prune.Pruner
-    cls._cross_self = staticmethod(_ranged(cls._cross_self, RANGES["scoring"]))
-    scoring.fastv_scores = _ranged(scoring.fastv_scores, RANGES["scoring"])
-    scoring.select_drops = _ranged(scoring.select_drops, RANGES["selection"])
-    cls._selection = _ranged(cls._selection, RANGES["selection"])
-    for hook in ("_mlp_pre", "_mlp_post", "_layer_post", "_on_norm"):
-        orig = getattr(cls, hook)
-        if hook == "_on_norm":
-            setattr(cls, hook, _ranged(orig, RANGES["compaction"]))
-        else:
-            setattr(cls, hook, (lambda orig: lambda self, i: _ranged(orig(self, i), RANGES["compaction"]))(orig))
-    cls._reslice_prefill = _ranged(cls._reslice_prefill, RANGES["compaction"])
+# fitprune's own work, marked by the library with profiler ranges (fitprune.profiling): kernel time
+# launched inside each range is summed
+RANGES = {name: profiling.PREFIX + name for name in profiling.STAGES}
 
 CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
     ("fused scoring", r"_row_stats|_cross_self"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
-    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|splitk"),
+    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|matmul|splitk|aten::(mm|bmm|addmm|linear)$"),
     ("sort/select", r"sort|radix|topk|cub::|scan"),
     ("gather/scatter/index", r"gather|scatter|index|cat|copy"),
     ("norm/elementwise", r"elementwise|reduce|norm|mul|add|silu|exp|pow|rsqrt|mean|vectorized"),
@@ -85,29 +65,44 @@ def profile_one(model, inputs, repeats: int, graphs: bool = False) -> dict:
             handle.remove()
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _profile(model, inputs, repeats: int) -> dict:
+    """On a GPU: CUDA kernel time per kernel. On the CPU (``--tiny``): self CPU time per aten op, the
+    closest thing to a kernel there."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = next(model.parameters()).is_cuda
     with torch.no_grad():
         for _ in range(2):  # warm-up: compiles, plans, caches
             model(**inputs, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             model(**inputs, use_cache=True, logits_to_keep=1)
-        torch.cuda.synchronize()
+        _sync()
         wall = (time.perf_counter() - t0) / repeats
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             for _ in range(repeats):
                 model(**inputs, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
+            _sync()
     by_kernel: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith("fitprune."):
-            # (the ranges also appear as GPU-side spans: they are no kernels, and they include idle gaps)
-            by_kernel[evt.name] += evt.device_time / 1e3 / repeats  # ms per prefill
-            counts[evt.name] += 1
+    if cuda:
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA and not evt.name.startswith(profiling.PREFIX):
+                # (the ranges also appear as GPU-side spans: they are no kernels, and they include idle gaps)
+                by_kernel[evt.name] += evt.device_time / 1e3 / repeats  # ms per prefill
+                counts[evt.name] += 1
+    else:
+        for avg in prof.key_averages():
+            if avg.key.startswith("aten::") and avg.self_cpu_time_total > 0:
+                by_kernel[avg.key] += avg.self_cpu_time_total / 1e3 / repeats
+                counts[avg.key] += avg.count
     by_cat: dict[str, float] = defaultdict(float)
     for name, ms in by_kernel.items():
         by_cat[category(name)] += ms
@@ -116,7 +111,7 @@ def _profile(model, inputs, repeats: int) -> dict:
     for avg in prof.key_averages():
         for key, name in RANGES.items():
             if avg.key == name:
-                ranges[key] += avg.device_time_total / 1e3 / repeats
+                ranges[key] += (avg.device_time_total if cuda else avg.cpu_time_total) / 1e3 / repeats
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
             "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
@@ -132,16 +127,25 @@ def main(argv=None) -> int:
                    help="also profile the prefill replayed from CUDA graphs (fitprune.graph_prefill); ranges are "
                         "not seen inside a graph")
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "profile_prefill.json"))
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny geometry on the CPU (float32, aten-op CPU time instead of CUDA kernels): a smoke run")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU (run it through the device tool)")
-    bench_gpu.set_sdpa_backends("flash,efficient,math")
-    device = torch.device("cuda")
-    geo = bench_gpu.BUILDERS[args.geometry](False, device, torch.bfloat16)
-    annotate_pruner()
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)
+        if args.graphs != "off":
+            p.error("--graphs needs a CUDA GPU; --tiny runs on the CPU")
+    else:
+        if not torch.cuda.is_available():
+            p.error("needs a CUDA GPU (run it through the device tool), or --tiny for a CPU smoke run")
+        bench_gpu.set_sdpa_backends("flash,efficient,math")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    geo = bench_gpu.BUILDERS[args.geometry](args.tiny, device, dtype)
     wanted = {int(b) for b in args.recipes.split(",") if b}
     recipes = [m for m in geo.recipes if round(m.budget * 100) in wanted]
     results = []
+    kind = "aten ops (CPU)" if args.tiny else "kernels"
+    span = "CPU time incl. the ops inside" if args.tiny else "GPU span incl. idle gaps"
     for batch in [int(b) for b in args.batches.split(",") if b]:
         inputs = geo.make_inputs(batch)
         configs = [("unpruned", None)] + [(m.label, m.recipe) for m in recipes]
@@ -156,13 +160,13 @@ def main(argv=None) -> int:
                     handle.remove()
             res.update(geometry=args.geometry, batch=batch, label=label)
             results.append(res)
-            print(f"\n== {args.geometry} batch {batch} {label}: wall {res['wall_ms']:.1f} ms, kernels "
+            print(f"\n== {args.geometry} batch {batch} {label}: wall {res['wall_ms']:.1f} ms, {kind} "
                   f"{res['kernel_ms']:.1f} ms, host-bound gap {res['wall_ms'] - res['kernel_ms']:.1f} ms, "
                   f"{res['launches']:.0f} launches")
             if recipe is not None and not graphs:
                 share = {k: 100 * v / res["kernel_ms"] for k, v in res["fitprune_ranges_ms"].items()}
-                print("   fitprune ranges (GPU span incl. idle gaps): " + ", ".join(f"{k} {res['fitprune_ranges_ms'][k]:.2f} ms "
-                                                        f"({share[k]:.1f} %)" for k in RANGES))
+                print(f"   fitprune ranges ({span}): " + ", ".join(
+                    f"{k} {v:.2f} ms ({share[k]:.1f} %)" for k, v in res["fitprune_ranges_ms"].items() if v))
             for cat, ms in sorted(res["by_category"].items(), key=lambda kv: -kv[1]):
                 print(f"   {cat:<22} {ms:8.2f} ms  {100 * ms / res['kernel_ms']:5.1f} %")
             for name, ms, n in res["top"]:

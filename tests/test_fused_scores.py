@@ -5,7 +5,7 @@ Triton is first imported — torch imports it at startup — so the ``test_inter
 pytest subprocess started by :func:`test_kernels_under_triton_interpreter` (small shapes, 16-wide tiles so
 several row and column blocks, causal tile skipping and split partials are all exercised). With a CUDA
 device the same checks run compiled (``-m gpu``). Without Triton these tests skip; the pruner then never
-takes the fused path (``available`` is False), which the rest of the suite covers.
+takes the fused path (``supported`` is False), which the rest of the suite covers.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_interpreted_pruner_fused_path_drops_the_same_tokens(interpreter, monkey
         calls.append(mask)
         return original(query, key, mask, *args, **kwargs)
 
-    monkeypatch.setattr(fused_scores, "available", lambda tensor: True)
+    monkeypatch.setattr(fused_scores, "supported", lambda where: True)  # the kernel runs on the CPU here
     monkeypatch.setattr(fused_scores, "fused_cross_self", spy)
     got, got_logits = _dropped(model, batch, recipe)
     assert len(calls) == 2  # both pruning layers scored by the kernel

@@ -46,25 +46,37 @@ try:  # optional: CPU installs and CI have no Triton
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-__all__ = ["ENV_VAR", "available", "fused_cross_self"]
+from . import FUSED_SCORES_ENV as ENV_VAR  # "0": the default setting is off (the pruner then uses fitprune.scoring)
 
-ENV_VAR = "FITPRUNE_FUSED_SCORES"  # "0" turns the fused path off (the pruner then uses fitprune.scoring)
+__all__ = ["ENV_VAR", "available", "fused_cross_self", "supported"]
+
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
 MAX_HEAD_DIM = 256
+_TORCH_PATH = f"Pass fused_scores=False to fitprune.apply (or set {ENV_VAR}=0) to score with the torch path."
 # mask modes (constexpr in the kernels)
 CAUSAL, PADDING_2D, BOOL_4D, FLOAT_4D = 0, 1, 2, 3
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """True when the fused kernel can score ``tensor`` (a query): Triton imports, the tensor is on a CUDA
-    device of compute capability >= 8.0 (bf16 dots), and FITPRUNE_FUSED_SCORES is not "0"."""
-    if os.environ.get(ENV_VAR, "1") == "0" or triton is None or not tensor.is_cuda:
+def supported(where: torch.Tensor | torch.device | str) -> bool:
+    """True when the fused kernel can run on ``where`` (a query tensor, or a device): Triton imports and
+    it is a CUDA device of compute capability >= 8.0 (bf16 dots). The pruner asks this per call under
+    the automatic setting (``fused_scores=None``); the environment plays no part."""
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    if triton is None or device.type != "cuda":
         return False
-    return _capable(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+    if not isinstance(where, torch.Tensor) and not torch.cuda.is_available():  # a tensor there proves it
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def available(tensor: torch.Tensor) -> bool:
+    """What the default setting picks for ``tensor`` in this environment: :func:`supported` and
+    FITPRUNE_FUSED_SCORES is not "0" (read now; ``fitprune.apply`` reads it once, at apply time)."""
+    return os.environ.get(ENV_VAR, "1") != "0" and supported(tensor)
 
 
 @functools.cache
@@ -241,7 +253,7 @@ def _mask_args(mask: torch.Tensor | None, row_start: int, q_len: int, kv_len: in
     if mask.dim() != 4 or mask.shape[-1] != kv_len:
         raise ValueError(
             f"fused scores: expected a mask None, (B, Lkv) or (B, 1, Lq, Lkv={kv_len}); got {tuple(mask.shape)}. "
-            f"Set {ENV_VAR}=0 to score with the torch path."
+            + _TORCH_PATH
         )
     m = mask[:, 0, row_start:q_len, :]  # (B|1, R, Lkv), a view
     mode = BOOL_4D if m.dtype == torch.bool else FLOAT_4D
@@ -260,13 +272,13 @@ def _check(query, key, text_rows, visual_rows, row_start: int) -> None:
     bsz, n_heads, q_len, head_dim = query.shape
     n_rows = q_len - row_start
     if triton is None:
-        raise RuntimeError(f"fused scores need Triton (pip install triton); or set {ENV_VAR}=0")
+        raise RuntimeError(f"fused scores need Triton (pip install triton). {_TORCH_PATH}")
     if key.dim() != 4 or n_heads % key.shape[1] or key.shape[0] != bsz or key.shape[3] != head_dim:
         raise ValueError(f"fused scores: query {tuple(query.shape)} and key {tuple(key.shape)} must be "
                          "(B, H, Lq, hd) and (B, Hkv, Lkv, hd) with H a multiple of Hkv")
     if head_dim > MAX_HEAD_DIM or query.dtype != key.dtype:
         raise ValueError(f"fused scores handle head_dim <= {MAX_HEAD_DIM} and query/key of one dtype; got "
-                         f"{head_dim}, {query.dtype}/{key.dtype}. Set {ENV_VAR}=0 to score with the torch path.")
+                         f"{head_dim}, {query.dtype}/{key.dtype}. {_TORCH_PATH}")
     if not 0 <= row_start <= q_len:
         raise ValueError(f"row_start must be in [0, Lq={q_len}]; got {row_start}")
     if tuple(text_rows.shape) != (bsz, n_rows) or tuple(visual_rows.shape) != (bsz, n_rows):
