@@ -15,4 +15,9 @@ def test_schema_doc_matches_the_tables():
 def test_readme_names_the_test_command_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
-    assert "python -m pytest -q" in ci and "python -m pytest -q" in readme
+    commands = readme.split("## The two commands", 1)[1].split("```", 2)[1]  # the README's first code block there
+    assert "make sweep" in commands and "make test" in commands
+    assert "\nmake test\n" in ci  # .ci/run runs the README's test command
+    makefile = (ROOT / "Makefile").read_text()
+    assert "python -m pytest -q" in makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "fitprune sweep" in makefile.split("\nsweep:", 1)[1].split("\n\n", 1)[0]
