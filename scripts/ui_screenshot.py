@@ -67,9 +67,11 @@ def _artifacts(base: str, run_id: str) -> dict:
                                      data=json.dumps({"artifacts": {"flow_run_id": {"any_": [run_id]}}}).encode())
     with urllib.request.urlopen(request, timeout=30) as resp:
         rows = json.load(resp)
-    found = {row["type"]: {"id": row["id"], "key": row["key"]} for row in rows}
+    found = {row["type"]: {"id": row["id"], "key": row["key"]} for row in rows if row["type"] in ("image", "markdown")}
     if set(found) != {"image", "markdown"}:
-        raise RuntimeError(f"flow run {run_id} has artifacts {sorted(found)}; expected an image and a markdown one")
+        raise RuntimeError(f"flow run {run_id} has artifacts {sorted(r['type'] for r in rows)}; expected an image "
+                           "and a markdown one")
+    found["progress"] = [row["data"] for row in rows if row["type"] == "progress"]  # one per shard, in percent
     return found
 
 
@@ -123,7 +125,8 @@ def capture(out: Path, browser: str, work: Path) -> dict:
             table_png = out.with_name(out.stem + "-table.png")
             page.screenshot(path=str(table_png), full_page=True)
             chrome.close()
-        return {"flow_run_id": run_id, "artifacts": sorted(a["key"] for a in artifacts.values()), "image": image,
+        return {"flow_run_id": run_id, "artifacts": [artifacts["markdown"]["key"], artifacts["image"]["key"]],
+                "shard_progress": artifacts["progress"], "image": image,
                 "pareto_table": "Pareto front" in text,
                 "methods_in_table": [m for m in ("none", "fitprune", "fastv", "random") if m in text],
                 "screenshots": [str(out), str(tab_png), str(table_png)]}

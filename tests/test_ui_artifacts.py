@@ -24,3 +24,5 @@ def test_the_plot_and_the_table_show_in_the_prefect_ui(tmp_path):
     assert facts["image"]["shown_width"] > 0
     assert facts["pareto_table"] and facts["methods_in_table"] == ["none", "fitprune", "fastv", "random"]
     assert all(Path(p).stat().st_size > 10_000 for p in facts["screenshots"])
+    # one progress bar per shard (statistics + 4 evaluations of the toy sweep), each finished
+    assert len(facts["shard_progress"]) == 5 and all(p == 100.0 for p in facts["shard_progress"])
