@@ -25,9 +25,9 @@ tasks of ``tasks.sweep`` (the flow: each shard is then a task run on a worker). 
   Every write has a write id fixed by the shard (``storage.store``), so a shard run twice writes
   once. A worker that hangs or never comes back: after ``timeout`` seconds without progress the
   sweep raises ``ShardTimeout`` naming the missing shards, and the run ends ``failed``.
-* Recipes are fitted per method group (``method_groups``), not per budget: one call's budgets
-  share the α-walk's envelope (``fitprune.fit``, ``monotone``) and the search's divergence cache,
-  so splitting budgets could change the stored recipes.
+* With two workers or more, recipes are fitted per method group (``method_groups``), not per
+  budget: one call's budgets share the α-walk's envelope (``fitprune.fit``, ``monotone``) and the
+  search's divergence cache, so splitting budgets could change the stored recipes.
 """
 
 from __future__ import annotations
@@ -314,6 +314,10 @@ class Fanout:
             self.client.cancel(futures)
 
     def fit_budgets(self, info, stats_ref, budgets, methods, convention, root, **kw) -> dict:
+        """One call per method group with two workers or more; with one, the serial run's one call
+        (every group repeats the statistics read, the calibration references and the α-walk)."""
+        if len(_workers_with_resource(self.client)) < 2:
+            return self._fit_budgets(info, stats_ref, budgets, list(methods), convention, root, **kw)
         handles = [self._fit_budgets.submit(info, stats_ref, budgets, list(group), convention, root,
                                             part=".".join(group), **kw) for group in method_groups(methods)]
         grid: dict = {}
