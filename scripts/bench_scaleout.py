@@ -68,8 +68,9 @@ class _Warm:
     def __enter__(self):
         import distributed
 
-        self.cluster = distributed.LocalCluster(n_workers=self.n, threads_per_worker=1, processes=True,
-                                                resources={"gpu": 1}, dashboard_address=None)
+        from flows.fanout import local_cluster
+
+        self.cluster = local_cluster(self.n)  # as --cluster local:N starts it
         self.client = distributed.Client(self.cluster)
         self.client.run(lambda: __import__("tasks.models", fromlist=["load_model"]).load_model(SPEC) and None)
         self.address = self.cluster.scheduler_address
@@ -194,12 +195,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--eval-samples", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=4)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--noop-shards", type=int, nargs="+", default=[50, 200, 800])
-    p.add_argument("--eval-shard-sizes", type=int, nargs="+", default=[32, 8, 2])
+    p.add_argument("--eval-shard-sizes", type=int, nargs="+", default=[64, 16, 4, 1])
     p.add_argument("--stats-shard-sizes", type=int, nargs="+", default=[16, 4, 1])
     p.add_argument("--store-samples", type=int, default=32)
     p.add_argument("--writes", type=int, default=100)

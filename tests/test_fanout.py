@@ -25,7 +25,7 @@ from pathlib import Path
 import distributed
 import pytest
 
-from flows.fanout import HOLD_ENV, ShardTimeout, check_cluster, method_groups, parse_cluster
+from flows.fanout import HOLD_ENV, ShardTimeout, check_cluster, local_cluster, method_groups, parse_cluster
 from flows.config import SweepConfig
 from flows.sweep import run_sweep
 from storage import catalog, store
@@ -71,12 +71,11 @@ def hold_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(hold_dir):
-    """A scheduler and two worker processes (1 thread, resource gpu=1 each), as ``dask worker`` starts them."""
+    """A scheduler and two worker processes (1 thread, resource gpu=1 each), as ``--cluster local:2`` starts them."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HOLD_ENV, str(hold_dir))  # workers inherit it; it does nothing until a test arms it
         mp.setenv("OMP_NUM_THREADS", "1")
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"gpu": 1},
-                                      dashboard_address=None) as c, distributed.Client(c) as client:
+        with local_cluster(2) as c, distributed.Client(c) as client:
             _warm(client)
             yield c.scheduler_address, client
 
@@ -172,6 +171,8 @@ def test_a_sweep_on_the_cluster_stores_what_a_serial_one_does(serial, cluster, t
     assert sorted(after) == sorted(before) and all(after[w] > before[w] for w in after), (before, after)  # both worked
     models = _models(client)
     assert len(models) == 2 and all(len(m) == 1 for m in models.values()), models  # one model per worker process
+    trim = client.run(lambda: __import__("os").environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert set(trim.values()) == {None}, trim  # glibc's dynamic mmap threshold left on (flows.fanout.local_cluster)
     parts = [p.name for p in store.list_parts("recipes", tmp_path)]
     assert len(parts) == 2 and all(re.search(r"-recipes-(fitprune\.random|fastv)\.parquet$", p) for p in parts)
 
@@ -263,5 +264,5 @@ def test_a_worker_that_never_answers_ends_the_run_failed_naming_the_shard(cluste
     assert run["status"] == "failed" and run["error"].startswith("ShardTimeout") and label in run["error"]
     stored = {f"evaluation {r['benchmark']} {r['recipe_id']} samples {r['shard']}"
               for r in store.read_table("evaluations", tmp_path).to_pylist()}
-    assert len(stored) + len(missing) - 1 == N_EVAL_SHARDS  # the held shard wrote its rows before it hung
-    assert stored & missing == {label}
+    assert len(stored | missing) == N_EVAL_SHARDS  # every shard is stored or named missing: none lost unsaid
+    assert label in stored  # the held shard wrote its rows before it hung (a result in flight may have too)
