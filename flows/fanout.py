@@ -190,14 +190,14 @@ def method_groups(methods) -> list[tuple[str, ...]]:
 
 
 def _label(name: str, kw: dict) -> str:
-    """What a remote call is called in errors and progress: its step and its shard."""
+    """What a remote call is called in errors: its task run's name (``tasks.sweep``)."""
     if name == "collect_stats_shard":
         return f"statistics {kw['calib']['id']} samples {kw['start']}-{kw['end']}"
     if name == "evaluate_shard":
-        return f"evaluation {kw['benchmark']} {kw['recipe_id']} samples {kw['start']}-{kw['end']}"
+        return f"eval {kw['benchmark']} {kw.get('label') or kw['recipe_id']} samples {kw['start']}-{kw['end']}"
     if name == "fit_budgets":
-        return f"fit {'+'.join(kw['methods'])}"
-    return name.replace("_", "-")
+        return f"fit {','.join(kw['methods'])} at {','.join(f'-{float(b):.0%}' for b in kw['budgets'])}"
+    return "inspect-checkpoint" if name == "model_info" else name.replace("_", "-")
 
 
 def _hold_for_test(label: str) -> None:

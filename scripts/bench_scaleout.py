@@ -1,15 +1,16 @@
 """Benchmark one sweep spread over Dask workers (flows/fanout.py) against the same sweep run serially.
 
     python scripts/bench_scaleout.py                 # toy model, CPU, serial vs 1 and 2 worker processes
-    python scripts/bench_scaleout.py --workers 1 2 4 --n-eval 64 --out bench.json
+    python scripts/bench_scaleout.py --workers 1 2 4 --eval-samples 128 --out bench.json
 
 Every figure is measured in this run and printed with its ratio to a baseline of the same run:
 
-1. ``sweep``: wall time of one toy sweep (``--calib-samples``, ``--eval-samples``, ``--shard-size``) serial in this
-   process (one torch thread, as each worker has; the model already built), on a cold ``--cluster local:N`` (starting the
-   cluster and loading the model in every worker counted) and on a warm one (a running cluster
-   whose workers hold the model: ``--cluster tcp://...``); speed-up against serial. Each run on a
-   fresh data root; the stored metrics of every run are checked equal to the serial run's.
+1. ``sweep``: wall time of one toy sweep (``--calib-samples``, ``--eval-samples``, ``--shard-size``)
+   serial in this process (one torch thread, as each worker has; the model already built), on a
+   cold ``--cluster local:N`` (starting the cluster and loading the model in every worker counted)
+   and on a warm one (a running cluster whose workers hold the model: ``--cluster tcp://...``);
+   speed-up against serial. Each run on a fresh data root; the stored metrics of every run are
+   checked equal to the serial run's.
 2. ``overhead``: per-shard cost of no-op shards through the same path (``Fanout.submit`` /
    ``wait``: a key, the gpu resource, a round trip to a worker), for growing shard counts.
 3. ``shards``: the same evaluation cut into more and more shards (``--eval-shard-sizes``), serial
@@ -219,8 +220,9 @@ def main() -> None:
     try:
         if "sweep" not in args.skip:
             results["sweep"] = bench_sweep(args, scratch)
-            _print(f"1. one sweep: calib {args.calib_samples}, eval {args.eval_samples}, shards of {args.shard_size}, budgets "
-                   f"{args.budgets}, default methods (speed-up: serial seconds / seconds; same: metrics = serial's)",
+            _print(f"1. one sweep: calib {args.calib_samples}, eval {args.eval_samples}, shards of {args.shard_size}, "
+                   f"budgets {args.budgets}, default methods (speed-up: serial seconds / seconds; same: metrics = "
+                   "serial's)",
                    results["sweep"])
         with _Warm(2) as warm:
             if "overhead" not in args.skip:
@@ -229,8 +231,8 @@ def main() -> None:
                        results["overhead"])
             if "shards" not in args.skip:
                 results["shards"] = bench_shards(args, scratch, warm)
-                _print(f"3. the same evaluation ({args.eval_samples} samples, unpruned + fastv) in more shards, serial and "
-                       "on 2 warm workers (vs_first: seconds / the first row's)", results["shards"])
+                _print(f"3. the same evaluation ({args.eval_samples} samples, unpruned + fastv) in more shards, serial "
+                       "and on 2 warm workers (vs_first: seconds / the first row's)", results["shards"])
         if "store" not in args.skip:
             results["store"] = bench_store(args, scratch)
             _print(f"4. a re-run's statistics shard finding its samples stored ({args.store_samples} samples), by "
