@@ -21,6 +21,7 @@ def check_sweep(config) -> None:
     """What a sweep (a ``flows.config.SweepConfig``) can be refused for, checked before any model loads or
     anything is written: the device, that the model can read the sources, the checkpoint's weight
     files, the data root."""
+    from flows.fanout import check_cluster
     from storage.root import check_root
     from tasks import sources
     from tasks.models import check_weight_files, normalize_spec
@@ -46,4 +47,5 @@ def check_sweep(config) -> None:
                          "or a question source such as easy-vqa:train")
     if spec["kind"] == "path":
         check_weight_files(spec["path"])
+    check_cluster(config.cluster, config.device)  # the form of --cluster, and a device every worker has
     check_root(config.data_root)  # last: it creates the root if missing

@@ -108,6 +108,10 @@ class SweepConfig(_Strict):
         "the executed counts). The authors' convention (visual tokens only) is reported beside it in every "
         "evaluation (flops_reduction_paper); fitting to it is fitprune.fit(..., convention='fitprune-paper')")
     data_root: str | None = Field(None, description="data root (default: $FITPRUNE_DATA, else ~/.cache/fitprune)")
+    cluster: str | None = Field(
+        None, description="run the model steps on Dask workers (flows/fanout.py): local:N (N processes here), "
+        "local-cuda (one per GPU), tcp://HOST:PORT (a running scheduler); ?timeout=SECONDS (default 3600) fails "
+        "a sweep in which no shard finished for that long (default: serial, in this process)")
 
     @field_validator("device")
     @classmethod

@@ -144,7 +144,9 @@ def compose(config: SweepConfig, steps=plain_steps, progress: bool = False, flow
 def run_sweep(config: SweepConfig | None = None, progress: bool = False) -> dict:
     """Run the whole sweep in-process; returns ``compose``'s result (the run's summary and Pareto rows).
     ``config.model`` picks the model; default: the demo model (the toy model for toy inputs)."""
-    return compose(config or SweepConfig(), plain_steps, progress=progress)
+    from flows.fanout import compose_on
+
+    return compose_on(config or SweepConfig(), plain_steps, progress=progress)
 
 
 __all__ = ["DEFAULT_BENCHMARKS", "DEFAULT_METHODS", "METHODS", "Progress", "SweepConfig", "compose", "run_sweep"]

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from flows.checks import check_sweep
 from flows.config import SweepConfig
-from flows.sweep import compose
+from flows.fanout import compose_on
 from tasks import sweep as sweep_tasks
 
 
@@ -36,7 +36,7 @@ def sweep(config: SweepConfig = SweepConfig()) -> dict:  # noqa: B008 (the UI sh
     check_sweep(config)  # device, model vs sources, weight files, data root: before any model loads
     logger.info(f"model {config.spec()}; data root {config.data_root}")
     try:
-        result = compose(config, sweep_tasks, flow="fitprune/sweep")
+        result = compose_on(config, sweep_tasks, flow="fitprune/sweep")  # config.cluster: on Dask workers
     except Exception as err:
         logger.error(f"sweep failed: {type(err).__name__}: {err}")  # the last line --watch users see
         raise

@@ -131,7 +131,7 @@ def _grid_of(rows: list[dict], methods, budgets) -> dict:
 
 
 def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, root, spec=None, calib=None,
-                batch_size: int = 8, search: str = "auto", run_id: str | None = None) -> dict:
+                batch_size: int = 8, search: str = "auto", run_id: str | None = None, part: str | None = None) -> dict:
     """Fit the budget grid of every method, write the recipes, return ``{method: [recipe id, ...]}`` (budget order).
 
     ``fitprune`` is the divergence search (:mod:`fitprune.search`) on the calibration set ``calib``
@@ -141,6 +141,8 @@ def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, 
     recipe's divergence on the calibration set (held-out and search parts), its measured and
     predicted FLOPs reduction there, and whether it meets its budget. Idempotent per run: if the
     run's recipes are stored already (a retried task), they are returned, not fitted again.
+    ``part``: a name for this call's share of the run's grid when the methods are fitted by
+    separate calls (``flows.fanout``, one per method group): write id ``<run_id>-recipes-<part>``.
     """
     from fitprune.search import RecipeSearch
 
@@ -151,7 +153,7 @@ def fit_budgets(info: dict, stats_ref: dict, budgets, methods, convention: str, 
         raise ValueError(f"the sweep measures FLOPs from executed token counts ('full' convention), not {convention!r}")
     check_methods(methods, info["family"])
     budgets, methods = [float(b) for b in budgets], list(methods)
-    write_id = f"{run_id}-recipes"
+    write_id = f"{run_id}-recipes" + (f"-{part}" if part else "")
     if store.part_exists("recipes", write_id, root):
         return _grid_of(store.read_table("recipes", root, filters={"run_id": run_id}).to_pylist(), methods, budgets)
     stats = read_stats(stats_ref["checkpoint"], stats_ref["calib_id"], root)

@@ -354,8 +354,10 @@ def test_glob_characters_in_the_data_root(capsys, tmp_path, name, command, no_mo
     (["--model", "toy", "--source", "easy-vqa:train"], "--source easy-vqa:train holds questions"),
     (["--model", "toy", "--source", "toy", "--benchmarks", "synthetic:test"], "--benchmarks synthetic:test holds"),
     (["--model", "demo", "--source", "toy"], "--source toy holds random inputs made for the toy model"),
+    (["--model", "toy", "--source", "toy", "--cluster", "local"], "cluster 'local' is not understood; use local:N"),
+    (["--model", "toy", "--source", "toy", "--cluster", "local:2?timeout=0"], "the only option is timeout=SECONDS"),
 ], ids=["device-gpu", "device-cuda-x", "question-source-toy-model", "question-benchmark-toy-model",
-        "toy-source-demo-model"])
+        "toy-source-demo-model", "cluster-form", "cluster-timeout"])
 def test_sweep_refuses_before_any_work(capsys, tmp_path, args, named, no_model):
     root = tmp_path / "data"
     line = _failure(capsys, ["sweep", "--data-root", str(root), *args, *SMALL], "sweep")

@@ -155,14 +155,6 @@ def test_recalibrate_finds_new_checkpoints(tmp_path):
         find_checkpoints(str(tmp_path / "missing"))
 
 
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_flows_in_a_test_harness(harness, tmp_path):
     from flows.recalibrate import recalibrate
