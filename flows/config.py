@@ -15,12 +15,11 @@ model and touches no file except a path model's ``config.json``.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.models import DEFAULT_DTYPE
+from tasks.models import DEFAULT_DTYPE, DEVICE_PATTERN
 from tasks.recipes import DEFAULT_METHODS, METHODS, SEARCH_SIZES
 
 __all__ = ["DEFAULT_BENCHMARKS", "DemoModel", "ModelSpec", "PathModel", "SweepConfig", "ToyModel", "DEVICE_DEFAULTS"]
@@ -30,7 +29,6 @@ Dtype = Literal["bfloat16", "float32"]
 # the counts a config leaves at None, per device kind
 DEVICE_DEFAULTS = {"cpu": {"calib_samples": 16, "eval_samples": 40, "batch_size": 8},
                    "cuda": {"calib_samples": 64, "eval_samples": 500, "batch_size": 32}}
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 class _Strict(BaseModel):
@@ -116,7 +114,7 @@ class SweepConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:
-        if not _DEVICE.fullmatch(device):
+        if not DEVICE_PATTERN.fullmatch(device):
             raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
         return device
 

@@ -43,12 +43,12 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 def check_device(device: str) -> None:
     """ValueError unless ``device`` is cpu, cuda or cuda:N and, for CUDA, such a GPU is here."""
-    if not _DEVICE.fullmatch(device):
+    if not DEVICE_PATTERN.fullmatch(device):
         raise ValueError(f"--device {device!r} is not known; use cpu, cuda or cuda:N (N: the GPU's index)")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
