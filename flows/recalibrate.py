@@ -41,11 +41,13 @@ def watch_dir_for(watch_dir: str | None, data_root: str | None) -> str:
 
 
 def find_checkpoints(watch_dir: str) -> list[str]:
-    """Subdirectories of ``watch_dir`` (sorted) that hold a ``config.json``."""
+    """Subdirectories of ``watch_dir`` (sorted) that hold a ``config.json``; hidden ones (``.name``, such as
+    ``fitprune export-checkpoint``'s staging directory while it writes) are not checkpoints yet."""
     root = Path(watch_dir)
     if not root.is_dir():
         raise ValueError(f"watch_dir {watch_dir!r} is not a directory; pass the folder new checkpoints land in")
-    return [str(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.json").is_file()]
+    return [str(p) for p in sorted(root.iterdir())
+            if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()]
 
 
 def named_checkpoint(watch_dir: str, checkpoint: str | None, resource_id: str | None) -> str | None:

@@ -147,6 +147,7 @@ def test_recalibrate_finds_new_checkpoints(tmp_path):
     watch = tmp_path / "watch"
     (watch / "not-a-checkpoint").mkdir(parents=True)
     toy.toy_model(0).save_pretrained(watch / "ckpt-a")
+    toy.toy_model(0).save_pretrained(watch / ".ckpt-b.staging")  # an export still being written
     paths = find_checkpoints(str(watch))
     assert paths == [str(watch / "ckpt-a")]
     todo = checkpoints_without_recipes(paths, str(tmp_path / "data"))
