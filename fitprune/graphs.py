@@ -12,10 +12,10 @@ shape, where the visual tokens sit, the recipe) and replays it as one launch aft
 What is captured: the decoder stack called with ``inputs_embeds`` (vision tower and merge stay
 eager). What runs eagerly instead, and is counted in :attr:`PrefillGraphs.eager` by reason:
 decode steps, padded batches (a 2-D mask with zeros), gradients on, a statistics probe, outputs of
-attentions or hidden states, non-``DynamicCache`` caches, tensors off the GPU. A replay copies the
-cache into the caller's ``DynamicCache`` and clones the hidden states, so outputs of an earlier call
-stay valid after the next one. Each captured geometry keeps its own memory pool (about one
-prefill's activations); ``max_graphs`` bounds how many are kept (least recently used go first).
+attentions or hidden states, caches other than a ``DynamicCache`` or a static cache a recipe armed
+(:mod:`fitprune.static_cache`), tensors off the GPU. A replay copies the cache into the caller's
+cache and clones the hidden states, so outputs of an earlier call stay valid after the next one.
+Each captured geometry keeps its own memory pool (about one prefill's activations); ``max_graphs`` bounds how many are kept (least recently used go first).
 
 Two things keep a replay as fast as the eager kernels (measured on an H100, LLaVA-1.5-7B batch 8:
 without them the graphed unpruned prefill was 10 % slower than eager):
@@ -43,6 +43,7 @@ from torch import nn
 from transformers import masking_utils
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from . import static_cache
 from .adapters import get_adapter
 from .prefill_state import PrefillState, cache_of
 
@@ -183,6 +184,8 @@ class PrefillGraphs:
 
     # ------------------------------------------------------------------ the wrapped forward
     def _call(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # a compiled decode step (static cache): nothing to replay or count
+            return self._forward(*args, **kwargs)
         pruner = self._pruner()
         reason = self._eager_reason(args, kwargs, pruner)
         if reason is None:
@@ -230,9 +233,9 @@ class PrefillGraphs:
             return "already capturing"
         cache = cache_of(kwargs)
         if cache is not None:
-            if cache.get_seq_length() > 0:
+            if static_cache.decoding(cache):
                 return "decode step"
-            if type(cache) is not DynamicCache:
+            if type(cache) is not DynamicCache and not static_cache.armed(cache):
                 return f"{type(cache).__name__} cache"
         if any(kwargs.get(flag) for flag in _OUTPUT_FLAGS):
             return "attentions or hidden states requested"
@@ -251,8 +254,16 @@ class PrefillGraphs:
         state = pruner.prefill if pruner is not None else None
         mask = kwargs.get("attention_mask")
         host_checks = []
+        if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+            causal = _causal_check(mask)  # generate prepares 4-D masks for a static cache
+            if causal is None:
+                return kwargs, None, "prepared 4-D attention mask"
+            # one flag, True if it is the plain causal mask: then it is dropped, as a 2-D mask of ones is
+            mask = causal
+            if causal.numel() == 0:  # a dict of None masks: plain causal already
+                kwargs["attention_mask"] = mask = None
         if isinstance(mask, torch.Tensor):
-            if mask.dim() != 2:
+            if mask.dim() not in (0, 2):
                 return kwargs, None, "prepared 4-D attention mask"
             host_checks.append(mask.bool().all().reshape(1))
         if state is not None:
@@ -345,8 +356,11 @@ class PrefillGraphs:
             cache = cache_of(kwargs)
             if cache is None:
                 cache = DynamicCache(config=self.lm.config)
+            armed = static_cache.armed(cache)
             for i, layer in enumerate(cached.layers):
-                if type(layer) is DynamicLayer:  # one contiguous copy, handed over as the layer's states
+                if armed:  # held as given; the pruner then lays them into the static buffers
+                    cache.layers[i].update(layer.keys, layer.values)
+                elif type(layer) is DynamicLayer:  # one contiguous copy, handed over as the layer's states
                     _hand_over(cache, i, layer.keys.clone(memory_format=torch.contiguous_format),
                                layer.values.clone(memory_format=torch.contiguous_format))
                 else:
@@ -360,6 +374,21 @@ class PrefillGraphs:
             else:
                 fields[name] = value
         return type(entry.output)(**fields)
+
+
+def _causal_check(mask) -> torch.Tensor | None:
+    """For a prepared 4-D prefill mask (or a dict of them, one per layer type): a 0-d bool tensor,
+    True where every one is the plain causal mask over the prompt (no padding); None where the masks
+    are not square 4-D tensors, so the graph cannot stand in for them."""
+    masks = [m for m in (mask.values() if isinstance(mask, dict) else [mask]) if m is not None]
+    flags = []
+    for m in masks:
+        if not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[-1] != m.shape[-2]:
+            return None
+        allowed = m if m.dtype == torch.bool else m == 0
+        tril = torch.ones(m.shape[-2:], dtype=torch.bool, device=m.device).tril()
+        flags.append((allowed == tril).all())
+    return torch.stack(flags).all() if flags else torch.zeros(0, dtype=torch.bool)
 
 
 def _tensors_of(output, state: PrefillState | None) -> list[torch.Tensor]:

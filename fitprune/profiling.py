@@ -34,7 +34,11 @@ _profiler_enabled = torch._C._autograd._profiler_enabled  # True while torch.pro
 
 
 def stage(name: str):
-    """Context manager around one stage of the pruner's work (see the module doc)."""
+    """Context manager around one stage of the pruner's work (see the module doc). Inside a
+    ``torch.compile`` region (the compiled static decode) stages are not marked: there is no host
+    code to time."""
+    if torch.compiler.is_compiling():
+        return _NULL
     if _timers:
         return _Timed(name)
     if _profiler_enabled():

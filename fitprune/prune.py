@@ -20,7 +20,9 @@ DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one mo
 
 Samples of a batch may keep different numbers of tokens (LLaVA-NeXT, samples without an image):
 the compressed sequence is left-padded with *invalid* slots that no query may attend to.
-Decoding attends to each layer's shortened cache through re-sliced masks.
+Decoding attends to each layer's shortened cache through re-sliced masks. A ``StaticCache``
+(``cache_implementation="static"``) is laid out at the pruned lengths by :mod:`fitprune.static_cache`,
+so stock ``generate`` compiles the pruned decode step as it does the stock one.
 
 The per-prefill state is a :class:`fitprune.prefill_state.PrefillState`; what each scoring rule does
 comes from the registry in :mod:`fitprune.rules`; the re-slicing is the pure functions of
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from . import attention as attn_registry
-from . import rules, scoring
+from . import rules, scoring, static_cache
 from .adapters import Adapter
 from .input_stage import InputStage
 from .prefill_state import DecodeSession, PrefillState, PrefillView, cache_of
@@ -167,7 +169,7 @@ class Pruner:
         self._step_masks = {}
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_of(kwargs)
-        if cache is not None and cache.get_seq_length() > 0:
+        if cache is not None and static_cache.decoding(cache):
             session = self.session
             if session is not None and session.cache() is cache:
                 self.decoding = session
@@ -180,25 +182,32 @@ class Pruner:
                 "fitprune finds visual tokens in input_ids; this call passed inputs_embeds only. "
                 "Pass input_ids (with the image placeholder tokens), or remove the recipe for this call."
             )
-        if cache is not None and type(cache).__name__ not in ("DynamicCache",):
-            raise NotImplementedError(
-                f"fitprune prunes with a DynamicCache; got {type(cache).__name__}. "
-                "Use the default cache (no cache_implementation='static') while a recipe is applied."
-            )
         if input_ids.shape[1] < 2:
             return None
+        if cache is not None and type(cache).__name__ != "DynamicCache":
+            if not static_cache.convert(cache):
+                raise NotImplementedError(
+                    f"fitprune prunes into a DynamicCache or a StaticCache; got {type(cache).__name__}. "
+                    "Use the default cache or cache_implementation='static' while a recipe is applied."
+                )
+            static_cache.arm(cache, input_ids.shape[1])
+            kwargs = static_cache.prefill_kwargs(kwargs, input_ids.shape[1])
         visual = self.adapter.visual_mask(self.model, input_ids)
         mask2d = kwargs.get("attention_mask")
         real = mask2d.bool() if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else torch.ones_like(visual)
         self.prefill = PrefillState.start(input_ids.shape[1], visual, real, self._drops_for)
         if self.probe is not None:
             self.probe.begin(self.prefill.read_only())
-        return None
+        return args, kwargs
 
     def _on_model_end(self, module, args, kwargs, output):
         state, self.prefill, self.decoding = self.prefill, None, None
         if state is None or output is None:  # output None: the forward raised (this hook is always_call)
             return None
+        armed = cache_of(kwargs)
+        if static_cache.is_pruned_static(armed) and armed.layers[0].mode == static_cache.PENDING:
+            with stage("compaction"):
+                static_cache.finish_prefill(armed)  # lay the pruned prefill into its static buffers
         self.last_report = report_of(state, len(self.layers))
         if self.probe is not None:
             self.probe.end(state.read_only(), self.last_report)
@@ -248,7 +257,9 @@ class Pruner:
         view = session.decode_views.get(i)
         version = session.layer_version[i] if view is None else ("view", i)
         mask = kwargs.get("attention_mask")
-        key = (version, id(mask))  # layers of one version share the re-sliced mask within a step
+        # layers of one version and attention type share the re-sliced mask within a step (no id() of
+        # the mask: under torch.compile that guards on the tensor's identity and recompiles every step)
+        key = (version, getattr(self.layers[i], "attention_type", None))
         if key not in self._step_masks:
             idx, valid, all_valid = session.versions[version] if view is None else view
             hidden = kwargs.get("hidden_states", args[0] if args else None)

@@ -11,10 +11,9 @@ default 32; min = max new tokens, so every configuration decodes the same number
   transformers then compiles the decode step (``torch.compile``, CUDA graphs), the fastest form stock
   transformers offers. On the CPU transformers does not compile it (label ``unpruned+static-eager``);
 * each FitPrune recipe of the geometry (``--fastv`` adds FastV at the same FLOPs), with the
-  ``DynamicCache`` fitprune prunes. A pruned prefill with a static cache is **not supported**
-  (fitprune lays each layer's cache out at its own shortened length; a ``StaticCache`` has one fixed
-  length for every layer): the run tries it once per geometry and records the refusal in the
-  JSON's ``meta.notes``, it measures nothing there;
+  ``DynamicCache`` fitprune prunes by default, and again with ``cache_implementation="static"``
+  (label ``+static``): fitprune then lays each layer's static buffer out at its pruned length
+  (:mod:`fitprune.static_cache`) and ``generate`` compiles the decode step as for the stock model;
 * with ``--cuda-graphs both`` (the default on a GPU) the unpruned model and every recipe again with
   the language-model prefill replayed from CUDA graphs (``fitprune.graph_prefill``, label ``+graphs``,
   ratios against the graphed unpruned model; decode stays eager).
@@ -208,10 +207,10 @@ def measure_split(bench: Bench, geo: Geometry, inputs: dict, static: bool) -> di
 def configurations(bench: Bench, geo: Geometry) -> list[tuple[Method, bool]]:
     """(method, static cache) pairs to measure, the unpruned reference first."""
     stock = Method("unpruned", "unpruned", None, None, "stock model, DynamicCache")
-    static_label = "unpruned" + STATIC + ("" if bench.device.type == "cuda" else "-eager")
-    static = Method(static_label, "stock-static", None, None,
-                    "stock model, static cache" + (", decode compiled by generate" if bench.device.type == "cuda"
-                                                   else ", eager decode (transformers compiles it on CUDA only)"))
+    compiled = bench.device.type == "cuda"
+    suffix = STATIC + ("" if compiled else "-eager")
+    how = ", decode compiled by generate" if compiled else ", eager decode (transformers compiles it on CUDA only)"
+    static = Method("unpruned" + suffix, "stock-static", None, None, "stock model, static cache" + how)
     methods = [stock]
     for m in geo.recipes:
         methods.append(m)
@@ -219,7 +218,10 @@ def configurations(bench: Bench, geo: Geometry) -> list[tuple[Method, bool]]:
             methods.append(bench_gpu._fastv_match(geo, m))
     if bench.graphs == "both":
         methods += [bench_gpu._graphs_twin(m) for m in methods]
-    return [(m, False) for m in methods] + [(static, True)]
+    pruned_static = [Method(m.label + suffix, m.method, m.budget, m.recipe,
+                            f"{m.source}; static cache at the pruned lengths (fitprune.static_cache){how}",
+                            of=m.of, graphs=m.graphs) for m in methods if m.recipe is not None]
+    return [(m, False) for m in methods] + [(static, True)] + [(m, True) for m in pruned_static]
 
 
 def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
@@ -242,7 +244,7 @@ def measure(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Method, st
             if report is None:
                 raise RuntimeError("fitprune.last_report is None after a pruned generate")
             fr = float(report.flops(geo.dims, "full").sum() / (full * batch))
-    if static and m.recipe is None and bench.device.type == "cuda" and getattr(geo.model, "_compiled_call", None) is None:
+    if static and bench.device.type == "cuda" and getattr(geo.model, "_compiled_call", None) is None:
         bench.errors.append(f"{geo.name} b{batch} {m.label}: generate did not compile the static decode step")
     add = lambda metric, value, unit: bench.add(geo, batch, m, metric, value, unit, fr)  # noqa: E731
     add("ttft_ms", d["ttft"] * 1e3, "ms")
@@ -254,23 +256,6 @@ def measure(bench: Bench, geo: Geometry, batch: int, inputs: dict, m: Method, st
     for key, value in d.items():
         if key.startswith("split_"):
             add(key + "_ms", value * 1e3, "ms")
-
-
-def try_pruned_static(bench: Bench, geo: Geometry, notes: list[str]) -> None:
-    """A pruned prefill with a static cache: expected to be refused. Record what the library says."""
-    if not geo.recipes:
-        return
-    inputs = geo.make_inputs(1)
-    try:
-        with fitprune.apply(geo.model, geo.recipes[0].recipe, fused_scores=bench.fused_setting(False)), \
-                torch.no_grad():
-            generate_once(geo, inputs, 2, static=True)
-        note = "pruned + static cache: ran (unexpected: fitprune refuses non-DynamicCache caches)"
-        bench.errors.append(f"{geo.name}: {note}")
-    except NotImplementedError as e:
-        note = f"pruned + static cache: not supported, not measured ({str(e).splitlines()[0]})"
-    notes.append(f"{geo.name}: {note}")
-    print(f"  {geo.name}: {note}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -353,6 +338,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # every static configuration (stock, each recipe, graphed or not, each batch) compiles its own decode
+    # step on one model; torch's default limit of 8 compiled variants would send the later ones to eager
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     device, dtype, meta = bench_gpu.setup(args)
     gpu, fused = meta["gpu"], meta["fused_scores"]
     bench = Bench(args, device, meta)
@@ -370,7 +358,6 @@ def main(argv=None) -> int:
             continue
         print(f"{name}: built in {geo.build_s:.1f} s, {geo.n_visual} visual + {geo.n_other} other tokens; recipes: "
               + "; ".join(f"{m.label} = {m.source}" for m in geo.recipes), flush=True)
-        try_pruned_static(bench, geo, notes)
         for batch in args.batches:
             run_batch(bench, geo, batch)
             bench_gpu.fill_ratios(bench.rows)

@@ -2,7 +2,8 @@
 
 The numbers mean nothing here; the test checks that the run completes, that its rows carry what the
 benchmark promises (ratios against stock, FLOPs and KV ratios, the time split) in the format the
-``benchmarks`` table imports, and that the unsupported pruned + static-cache case is recorded as such.
+``benchmarks`` table imports, and that the pruned run with a static cache is measured with the
+pruned (shorter) cache.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def test_tiny_generate_benchmark(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert not data["errors"]
-    assert any("static cache: not supported" in n for n in data["meta"]["notes"])
     rows = {(r["label"], r["metric"]): r for r in data["rows"]}
-    assert {label for label, _ in rows} == {"unpruned", "fitprune@60", "unpruned+static-eager"}
+    assert {label for label, _ in rows} == {"unpruned", "fitprune@60", "unpruned+static-eager",
+                                            "fitprune@60+static-eager"}
 
     base = rows[("unpruned", "ttft_ms")]
     assert base["ratio_vs_unpruned"] == pytest.approx(1.0) and base["flops_ratio"] == 1.0
@@ -46,6 +47,12 @@ def test_tiny_generate_benchmark(tmp_path):
     assert ("unpruned", "split_scoring_ms") not in rows  # the stock model runs no fitprune stage
     static = rows[("unpruned+static-eager", "decode_tok_s")]
     assert static["method"] == "stock-static" and static["ratio_vs_unpruned"] > 0
+    pruned_static = {metric: r for (label, metric), r in rows.items() if label == "fitprune@60+static-eager"}
+    assert pruned_static["decode_tok_s"]["method"] == "fitprune" and pruned_static["decode_tok_s"]["value"] > 0
+    # the static buffers are laid out at the pruned lengths: smaller than the stock static cache's
+    stock_kv = rows[("unpruned+static-eager", "kv_cache_bytes")]["value"]
+    assert 0 < pruned_static["kv_cache_bytes"]["value"] < stock_kv
+    assert pruned_static["ttft_ms"]["flops_ratio"] == pytest.approx(pruned["ttft_ms"]["flops_ratio"])
     assert "== llava-1.5-7b  batch 1" in proc.stdout
 
     run_id, imported = read_benchmark_file(out)  # what `fitprune import-benchmarks` would load
