@@ -70,6 +70,17 @@ def test_static_matches_dynamic_and_is_laid_out_at_pruned_lengths(family):
     assert lengths[-1] < lengths[0]  # the recipe's late layers hold fewer slots
 
 
+def test_selection_before_layer0_into_a_static_cache(family):
+    # a pre-LLM recipe keeps layer 0's cache at full length with the removed slots masked in decode
+    model, make = FACTORIES[family]()
+    batch = _ragged_batch(family, make)
+    recipe = Recipe(drop_fractions=(0.0, 0.0, 0.0, 0.0), scoring="divprune", input_fraction=0.4)
+    ref = _generate(model, batch, recipe)
+    out = _generate(model, batch, recipe, cache_implementation="static")
+    _same(ref, out)
+    assert all(layer.mode == "decode" for layer in out.past_key_values.layers)
+
+
 def test_buffers_are_reused_across_calls_and_stock_use_after_removal():
     model, make = FACTORIES["llava"]()
     batch = _ragged_batch("llava", make)
