@@ -9,8 +9,8 @@ DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one mo
   transformers reads the cache length from layer 0;
 * scoring attention (``fitprune.attention``) at layers with a nonzero entry: score alive visual
   tokens on the layer's post-RoPE queries/keys and pick the ones to drop;
-* MLP pre/post hooks of that layer: the MLP runs on the survivors only (rows gathered, then
-  scattered back so the stock residual add still lines up);
+* MLP pre/post hooks of that layer: the MLP runs on the survivors only (:mod:`fitprune.mlp_rows`:
+  its rows are added to the residual's after the layer, or scattered back for the stock add);
 * layer post-hook: the layer output keeps only the survivors. The layer's own KV cache was written
   before the drop, so it keeps them (they were keys/values in layer l);
 * pre-hooks of later layers: the attention mask, cos/sin and position ids are re-sliced to the
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import attention as attn_registry
-from . import rules, scoring, static_cache
+from . import mlp_rows, rules, scoring, static_cache
 from .adapters import Adapter
 from .input_stage import InputStage
 from .prefill_state import DecodeSession, PrefillState, PrefillView, cache_of
@@ -106,6 +106,9 @@ class Pruner:
         self._handles: list = []
         self._step_masks: dict = {}
         self._observed: list[nn.Module] = []
+        self._fold_mlp: set[int] = set()  # pruning layers whose MLP rows are added after the layer (mlp_rows)
+        self._mlp_out: dict[int, torch.Tensor] = {}  # their MLP rows, from the MLP's hook to the layer's
+        self._fold_now = True  # False in a call that records hidden states
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -125,6 +128,8 @@ class Pruner:
                 self._handles.append(layer.register_forward_hook(self._layer_post(i)))
                 mlp = getattr(layer, self.adapter.mlp_attr, None)
                 if mlp is not None:
+                    if mlp_rows.feeds_residual(layer, self.adapter.mlp_attr):
+                        self._fold_mlp.add(i)
                     self._handles.append(mlp.register_forward_pre_hook(self._mlp_pre(i)))
                     self._handles.append(mlp.register_forward_hook(self._mlp_post(i)))
         self._handles.append(self.lm.norm.register_forward_hook(self._on_norm))
@@ -167,6 +172,9 @@ class Pruner:
         self.prefill = None
         self.decoding = None
         self._step_masks = {}
+        self._mlp_out = {}
+        # intermediate hidden states are recorded before the layer's post-hook: fold only when none are
+        self._fold_now = not kwargs.get("output_hidden_states", getattr(self.model.config, "output_hidden_states", False))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_of(kwargs)
         if cache is not None and static_cache.decoding(cache):
@@ -285,7 +293,7 @@ class Pruner:
             cs = None
             if self.probe is not None or (by_recipe and rule.cross_self):
                 with stage("scoring"):
-                    cs = self._cross_self(state, query, key, mask, scaling, candidates)
+                    cs = scoring.state_cross_self(state, query, key, mask, scaling, candidates, self.fused_scores)
             drop = self.probe.on_scores(i, state.read_only(), *cs, candidates) if self.probe is not None else None
             if drop is not None:
                 counts = drop.sum(1).tolist()  # data-dependent drops: count them (probes only)
@@ -301,33 +309,6 @@ class Pruner:
                 state.pending[i] = (drop, counts)
 
         return observe
-
-    def _use_fused(self, query: torch.Tensor) -> bool:
-        if self.fused_scores is False:
-            return False
-        from .kernels import fused_scores  # imports Triton (if installed) on first use only
-
-        if fused_scores.supported(query):
-            return True
-        if self.fused_scores:
-            raise RuntimeError(f"fused_scores=True, but the fused kernel cannot run on {query.device} "
-                               f"({'no Triton' if fused_scores.triton is None else 'needs a CUDA device, sm_80+'}); "
-                               "apply the recipe with fused_scores=None (auto) or False")
-        return False
-
-    def _cross_self(self, state: PrefillState, query, key, mask, scaling, candidates):
-        """FitPrune's c and s (B, Lc) for the alive visual slots (0 elsewhere before row_start), by the
-        fused kernel (``fitprune.kernels.fused_scores``, without materialising attention probabilities)
-        or the torch path, as :attr:`fused_scores` says."""
-        first = state.first_candidate_row()  # system rows are neither T nor V
-        text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)
-        visual_rows = candidates[:, first:]  # (B, R)
-        if self._use_fused(query):
-            from .kernels import fused_scores
-
-            return fused_scores.fused_cross_self(query, key, mask, scaling, first, text_rows, visual_rows)
-        probs = scoring.head_max_probs(query, key, mask, scaling, row_start=first)
-        return scoring.cross_self(probs, text_rows, visual_rows)
 
     def _selection(self, state: PrefillState, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
@@ -363,10 +344,12 @@ class Pruner:
             state = self.prefill
             if state is None or i not in state.pending:
                 return None
+            if self._fold_now and i in self._fold_mlp:  # the layer returns its residual; the rows are added in _layer_post
+                self._mlp_out[i] = output
+                return mlp_rows.stand_in(output, state.idx.shape[1])
             sel, _ = self._selection(state, i)
             with stage("compaction"):
-                full = output.new_zeros(output.shape[0], state.idx.shape[1], output.shape[-1])
-                return full.scatter(1, sel[..., None].expand(-1, -1, output.shape[-1]), output)
+                return mlp_rows.full_length(output, sel, state.idx.shape[1])
 
         return hook
 
@@ -375,8 +358,12 @@ class Pruner:
             state = self.prefill
             if state is None or i not in state.pending:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            return _replace_output(output, self.compact(state, i, hidden))
+            hidden = self.compact(state, i, output[0] if isinstance(output, tuple) else output)
+            rows = self._mlp_out.pop(i, None)
+            if rows is not None:
+                with stage("compaction"):
+                    hidden = hidden + rows  # the survivors' residual + their MLP rows (mlp_rows)
+            return _replace_output(output, hidden)
 
         return hook
 

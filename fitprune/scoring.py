@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops"]
+__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self", "use_fused"]
 
 # Work memory for one head chunk of attention probabilities (float32 elements, 512 MiB).
 CHUNK_ELEMENTS = 128 * 1024 * 1024
@@ -107,3 +107,36 @@ def select_drops(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor
     k = torch.minimum(k, candidates.sum(1))
     ranks_dropped = torch.arange(scores.shape[1], device=scores.device)[None, :] < k[:, None]
     return torch.empty_like(candidates).scatter_(1, order, ranks_dropped)  # order covers every slot
+
+
+def use_fused(query: torch.Tensor, fused_scores: bool | None) -> bool:
+    """Whether FitPrune's c and s come from the fused kernel for ``query``: ``fused_scores`` None =
+    wherever it can run, True = required (RuntimeError where it cannot), False = never."""
+    if fused_scores is False:
+        return False
+    from .kernels import fused_scores as kernel  # imports Triton (if installed) on first use only
+
+    if kernel.supported(query):
+        return True
+    if fused_scores:
+        raise RuntimeError(f"fused_scores=True, but the fused kernel cannot run on {query.device} "
+                           f"({'no Triton' if kernel.triton is None else 'needs a CUDA device, sm_80+'}); "
+                           "apply the recipe with fused_scores=None (auto) or False")
+    return False
+
+
+def state_cross_self(state, query, key, mask, scaling: float, candidates: torch.Tensor,
+                     fused_scores: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FitPrune's c and s (B, Lc) for the alive visual slots of a pruner's prefill ``state``
+    (:class:`fitprune.prefill_state.PrefillState`; 0 before its first candidate row), by the fused
+    kernel (``fitprune.kernels.fused_scores``, no attention probabilities materialised) or the torch
+    path, as :func:`use_fused` decides."""
+    first = state.first_candidate_row()  # system rows are neither T nor V
+    text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)
+    visual_rows = candidates[:, first:]  # (B, R)
+    if use_fused(query, fused_scores):
+        from .kernels import fused_scores as kernel
+
+        return kernel.fused_cross_self(query, key, mask, scaling, first, text_rows, visual_rows)
+    probs = head_max_probs(query, key, mask, scaling, row_start=first)
+    return cross_self(probs, text_rows, visual_rows)
