@@ -173,7 +173,7 @@ class Pruner:
         self.decoding = None
         self._step_masks = {}
         self._mlp_out = {}
-        # intermediate hidden states are recorded before the layer's post-hook: fold only when none are
+        # recorded hidden states may be taken before the layer's post-hook (README): fold only when none are
         self._fold_now = not kwargs.get("output_hidden_states", getattr(self.model.config, "output_hidden_states", False))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = cache_of(kwargs)
