@@ -109,6 +109,7 @@ class Pruner:
         self._fold_mlp: set[int] = set()  # pruning layers whose MLP rows are added after the layer (mlp_rows)
         self._mlp_out: dict[int, torch.Tensor] = {}  # their MLP rows, from the MLP's hook to the layer's
         self._fold_now = True  # False in a call that records hidden states
+        self._fused_select: dict[int, dict] = {}  # a layer's selection and new state from one kernel (fused_select)
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -173,6 +174,7 @@ class Pruner:
         self.decoding = None
         self._step_masks = {}
         self._mlp_out = {}
+        self._fused_select = {}
         # recorded hidden states may be taken before the layer's post-hook (README): fold only when none are
         self._fold_now = not kwargs.get("output_hidden_states", getattr(self.model.config, "output_hidden_states", False))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -304,14 +306,33 @@ class Pruner:
                     scores = rule.at_attention(rules.AttentionContext(self, state, i, query, key, mask, scaling,
                                                                       candidates, cs))
                 with stage("selection"):
-                    drop = scoring.select_drops(scores, candidates, self.k_tensor(counts, query.device))
+                    drop = self._select(state, i, scores, candidates, counts, query)
             if drop is not None and any(counts):
                 state.pending[i] = (drop, counts)
 
         return observe
 
+    def _select(self, state: PrefillState, i: int, scores, candidates, counts: list[int], query) -> torch.Tensor:
+        """The (B, Lc) drop mask of a recipe's scores. Where the fused kernels run, one Triton launch also
+        lays out the slots kept and their state (:mod:`fitprune.kernels.fused_select`), which
+        :meth:`_selection` and :meth:`compact` then take instead of sorting and gathering."""
+        k = self.k_tensor(counts, query.device)
+        if scoring.use_fused(query, self.fused_scores):
+            from .kernels import fused_select
+
+            if fused_select.can_run(scores):
+                new_len = max(n - c for n, c in zip(state.slots, counts))
+                out = fused_select.fused_select_compact(scores, candidates, k, state.valid, state.idx, state.visual,
+                                                        state.text, state.real, new_len)
+                self._fused_select[i] = out
+                return out["drop"]
+        return scoring.select_drops(scores, candidates, k)
+
     def _selection(self, state: PrefillState, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
+        if i not in state.selection and i in self._fused_select:
+            fused = self._fused_select[i]
+            state.selection[i] = (fused["sel"], fused["valid"])
         if i not in state.selection:
             with stage("selection"):
                 drop, counts = state.pending[i]
@@ -372,12 +393,17 @@ class Pruner:
         sel, new_valid = self._selection(state, i)
         with stage("compaction"):
             drop, counts = state.pending.pop(i)
-            state.dropped_positions[i] = torch.where(drop, state.idx, -1)
             hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
-            state.idx = state.idx.gather(1, sel)
-            state.visual = state.visual.gather(1, sel)
-            state.text = state.text.gather(1, sel)
-            state.real = state.real.gather(1, sel)
+            fused = self._fused_select.pop(i, None)
+            if fused is not None:  # laid out by the selection kernel
+                state.dropped_positions[i] = fused["dropped"]
+                state.idx, state.visual, state.text, state.real = (fused[n] for n in ("idx", "visual", "text", "real"))
+            else:
+                state.dropped_positions[i] = torch.where(drop, state.idx, -1)
+                state.idx = state.idx.gather(1, sel)
+                state.visual = state.visual.gather(1, sel)
+                state.text = state.text.gather(1, sel)
+                state.real = state.real.gather(1, sel)
             state.valid = new_valid
             state.slots = [n - k for n, k in zip(state.slots, counts)]
             state.alive_visual = [n - k for n, k in zip(state.alive_visual, counts)]
