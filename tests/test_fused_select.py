@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_fused_scores import interpreter  # noqa: F401 - the Triton 3.6 interpreter work-arounds
-from tiny_models import FACTORIES, IMAGES
+from tiny_models import FACTORIES, FAMILIES, IMAGES
 
 import fitprune
 from fitprune import Recipe, scoring
@@ -100,11 +100,12 @@ def test_interpreted_select_matches_torch_path(interpreter):  # noqa: F811
 
 
 @interpreted
-def test_interpreted_pruner_takes_the_kernel_and_drops_the_same_tokens(interpreter, monkeypatch):  # noqa: F811
-    model, make_inputs = FACTORIES["llava"]()
-    a, b = IMAGES["llava"]
-    batch = make_inputs([(5, a, 7), (3, b, 4), (4, None, 6)])
-    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interpreted_pruner_takes_the_kernel_and_drops_the_same_tokens(interpreter, monkeypatch, family):  # noqa: F811
+    model, make_inputs = FACTORIES[family]()
+    a, b = IMAGES[family]
+    batch = make_inputs([(5, a, 7), (3, b, 4), (4, None, 6)])  # padded, two image sizes, one text-only sample
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family=family)
     with fitprune.apply(model, recipe, fused_scores=False) as m, torch.no_grad():
         want_logits = m(**batch).logits
         want = fitprune.last_report(m)
@@ -120,9 +121,12 @@ def test_interpreted_pruner_takes_the_kernel_and_drops_the_same_tokens(interpret
     with fitprune.apply(model, recipe, fused_scores=None) as m, torch.no_grad():
         got_logits = m(**batch).logits
         got = fitprune.last_report(m)
-    assert len(calls) == 2  # both pruning layers
+        generated = m.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 4  # both pruning layers, in the forward and in generate's prefill (not in decode)
     assert got.dropped == want.dropped and (got.kept == want.kept).all()
     torch.testing.assert_close(got_logits, want_logits)
+    with fitprune.apply(model, recipe, fused_scores=False) as m, torch.no_grad():
+        assert torch.equal(generated, m.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0))
 
 
 def test_bad_sizes_are_refused():
