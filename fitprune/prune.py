@@ -37,6 +37,7 @@ from torch import nn
 from . import attention as attn_registry
 from . import mlp_rows, rules, scoring, static_cache
 from .adapters import Adapter
+from .device_constants import DeviceConstants
 from .input_stage import InputStage
 from .prefill_state import DecodeSession, PrefillState, PrefillView, cache_of
 from .profiling import stage
@@ -95,10 +96,7 @@ class Pruner:
             raise RecipeError("statistics probes run on in-LLM recipes only, not on one that selects before layer 0")
         self.active = bool(self.prune_layers) or self.input_stage is not None
         self._drop_cache: dict[int, list[int]] = {}
-        # device constants made once and reused: no host-to-device copy inside a prefill after the
-        # first one (CUDA graph capture forbids them; fitprune.graphs)
-        self._k_cache: dict[tuple, torch.Tensor] = {}
-        self._random_cache: dict[tuple, torch.Tensor] = {}
+        self.constants = DeviceConstants(recipe.seed)  # counts and random scores as device tensors, made once
         self.prefill: PrefillState | None = None
         self.session: DecodeSession | None = None
         self.decoding: DecodeSession | None = None
@@ -143,25 +141,6 @@ class Pruner:
             attn_registry.unobserve(module)
         self._observed.clear()
         self.prefill = self.session = self.decoding = None
-
-    # ------------------------------------------------------------------ device constants
-    def k_tensor(self, counts: list[int], device) -> torch.Tensor:
-        """``counts`` as a device tensor, made once per distinct value."""
-        key = (tuple(counts), str(device))
-        if key not in self._k_cache:
-            if len(self._k_cache) >= 4096:  # a long run over many batch compositions: start over
-                self._k_cache.clear()
-            self._k_cache[key] = torch.tensor(counts, device=device)
-        return self._k_cache[key]
-
-    def random_scores(self, shape: tuple[int, int], layer: int, device) -> torch.Tensor:
-        """The recipe's seeded random scores of ``layer`` (-1: before layer 0), made once per shape."""
-        key = (shape, layer, str(device))
-        if key not in self._random_cache:
-            if len(self._random_cache) >= 256:  # many distinct batch shapes: start over (bounds memory)
-                self._random_cache.clear()
-            self._random_cache[key] = scoring.random_scores(shape, self.recipe.seed, layer, device)
-        return self._random_cache[key]
 
     # ------------------------------------------------------------------ top level
     def _drops_for(self, n_visual: int) -> list[int]:
@@ -316,15 +295,12 @@ class Pruner:
         """The (B, Lc) drop mask of a recipe's scores. Where the fused kernels run, one Triton launch also
         lays out the slots kept and their state (:mod:`fitprune.kernels.fused_select`), which
         :meth:`_selection` and :meth:`compact` then take instead of sorting and gathering."""
-        k = self.k_tensor(counts, query.device)
+        k = self.constants.k_tensor(counts, query.device)
         if scoring.use_fused(query, self.fused_scores):
             from .kernels import fused_select
 
             if fused_select.can_run(scores):
-                new_len = max(n - c for n, c in zip(state.slots, counts))
-                out = fused_select.fused_select_compact(scores, candidates, k, state.valid, state.idx, state.visual,
-                                                        state.text, state.real, new_len)
-                self._fused_select[i] = out
+                self._fused_select[i] = out = fused_select.for_state(state, scores, candidates, k, counts)
                 return out["drop"]
         return scoring.select_drops(scores, candidates, k)
 

@@ -36,7 +36,7 @@ __all__ = ["RULES", "AttentionContext", "InputContext", "MlpContext", "ScoringRu
 class AttentionContext:
     """A pruning layer's scoring attention, as an ``at_attention`` rule sees it (shapes as fitprune.scoring)."""
 
-    pruner: Any  # fitprune.prune.Pruner (its cached device constants: random_scores, k_tensor)
+    pruner: Any  # fitprune.prune.Pruner (its cached device constants: ``pruner.constants``)
     state: Any  # fitprune.prefill_state.PrefillState
     layer: int
     query: torch.Tensor  # (B, H, Lc, hd), after RoPE
@@ -138,7 +138,7 @@ def _fastv_scores(ctx: AttentionContext) -> torch.Tensor:
 
 
 def _random_scores(ctx: AttentionContext) -> torch.Tensor:
-    return ctx.pruner.random_scores(tuple(ctx.candidates.shape), ctx.layer, ctx.query.device)
+    return ctx.pruner.constants.random_scores(tuple(ctx.candidates.shape), ctx.layer, ctx.query.device)
 
 
 def _dart_drops(ctx: MlpContext) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _dart_drops(ctx: MlpContext) -> torch.Tensor:
     if g_post is not None and g_final is not None and g_post.shape == g_final.shape:
         safe = torch.where(g_post.float().abs() > 1e-6, g_post.float(), 1.0)
         hidden = hidden / safe * g_final.float()
-    k = pruner.k_tensor(ctx.counts, ctx.hidden.device)
+    k = pruner.constants.k_tensor(ctx.counts, ctx.hidden.device)
     return dart_drops(hidden, ctx.keys, state.visual & state.valid, state.text & state.valid, k)
 
 
@@ -166,15 +166,15 @@ def _input_counts(ctx: InputContext) -> list[int]:
 def _divprune_input(ctx: InputContext) -> tuple[torch.Tensor, list[int]]:
     state, pruner = ctx.state, ctx.stage.pruner
     counts, candidates = _input_counts(ctx), state.visual & state.valid
-    keep = pruner.k_tensor([n - c for n, c in zip(state.alive_visual, counts)], ctx.hidden.device)
+    keep = pruner.constants.k_tensor([n - c for n, c in zip(state.alive_visual, counts)], ctx.hidden.device)
     return candidates & ~divprune_keep(ctx.hidden, candidates, keep), counts
 
 
 def _random_input(ctx: InputContext) -> tuple[torch.Tensor, list[int]]:
     state, pruner = ctx.state, ctx.stage.pruner
     counts, candidates = _input_counts(ctx), state.visual & state.valid
-    scores = pruner.random_scores(tuple(candidates.shape), -1, ctx.hidden.device)
-    return scoring.select_drops(scores, candidates, pruner.k_tensor(counts, ctx.hidden.device)), counts
+    scores = pruner.constants.random_scores(tuple(candidates.shape), -1, ctx.hidden.device)
+    return scoring.select_drops(scores, candidates, pruner.constants.k_tensor(counts, ctx.hidden.device)), counts
 
 
 def _visionzip_input(ctx: InputContext) -> tuple[torch.Tensor, list[int]]:

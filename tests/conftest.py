@@ -33,3 +33,22 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Work around Triton 3.6 interpreter bugs for the duration of one test."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    major, minor = (int(x) for x in np.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        # triton-lang/triton#9171 (fixed after 3.6): numpy >= 2.4 refuses int() of the interpreter's
+        # (1,)-shaped scalars, e.g. a loop bound computed from tl.program_id
+        original = interp._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        monkeypatch.setattr(interp, "_patch_lang_tensor", patched)

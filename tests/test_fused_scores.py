@@ -10,29 +10,15 @@ takes the fused path (``supported`` is False), which the rest of the suite cover
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
+from triton_interpreter import HAS_TRITON, IN_INTERPRETER, interpreted, needs_triton, run_interpreted
 from tiny_models import FACTORIES, IMAGES
 
 import fitprune
 from fitprune import Recipe, scoring
 from fitprune.kernels import fused_scores
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton==3.6.0)")
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    not (HAS_TRITON and IN_INTERPRETER),
-    reason="runs in test_kernels_under_triton_interpreter's subprocess (TRITON_INTERPRET=1 before Triton loads)",
-)
 MASKS = ("none", "pad2d", "bool4d", "float4d")
 
 
@@ -41,31 +27,7 @@ MASKS = ("none", "pad2d", "bool4d", "float4d")
 def test_kernels_under_triton_interpreter():
     if IN_INTERPRETER:
         pytest.skip("already inside the interpreter subprocess")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, out
-    assert "skipped" not in proc.stdout.splitlines()[-1], out  # every interpreted case really ran
-    assert " passed" in proc.stdout.splitlines()[-1], out
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    """Work around Triton 3.6 interpreter bugs for the duration of one test."""
-    from triton.runtime import interpreter as interp
-
-    major, minor = (int(x) for x in np.__version__.split(".")[:2])
-    if (major, minor) >= (2, 4):
-        # triton-lang/triton#9171 (fixed after 3.6): numpy >= 2.4 refuses int() of the interpreter's
-        # (1,)-shaped scalars, e.g. a loop bound computed from tl.program_id
-        original = interp._patch_lang_tensor
-
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    run_interpreted(__file__)
 
 
 def _mask(kind: str, pad: list[int], q_len: int, kv_len: int, dtype: torch.dtype, device):

@@ -10,29 +10,15 @@ CUDA device the same checks run compiled at real sizes (``-m gpu``). Without Tri
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from test_fused_scores import interpreter  # noqa: F401 - the Triton 3.6 interpreter work-arounds
+from triton_interpreter import HAS_TRITON, IN_INTERPRETER, interpreted, needs_triton, run_interpreted
 from tiny_models import FACTORIES, FAMILIES, IMAGES
 
 import fitprune
 from fitprune import Recipe, scoring
 from fitprune.kernels import fused_scores, fused_select
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install triton==3.6.0)")
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(
-    not (HAS_TRITON and IN_INTERPRETER),
-    reason="runs in test_select_kernel_under_triton_interpreter's subprocess (TRITON_INTERPRET=1 first)",
-)
 NAMES = ("drop", "dropped", "sel", "valid", "idx", "visual", "text", "real")
 
 
@@ -85,23 +71,17 @@ def _check(trials: int, bsz: int, n_slots: int, device) -> None:
 def test_select_kernel_under_triton_interpreter():
     if IN_INTERPRETER:
         pytest.skip("already inside the interpreter subprocess")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, out
-    assert "skipped" not in proc.stdout.splitlines()[-1], out
-    assert " passed" in proc.stdout.splitlines()[-1], out
+    run_interpreted(__file__)
 
 
 @interpreted
-def test_interpreted_select_matches_torch_path(interpreter):  # noqa: F811
+def test_interpreted_select_matches_torch_path(interpreter):
     _check(trials=30, bsz=3, n_slots=40, device="cpu")
 
 
 @interpreted
 @pytest.mark.parametrize("family", FAMILIES)
-def test_interpreted_pruner_takes_the_kernel_and_drops_the_same_tokens(interpreter, monkeypatch, family):  # noqa: F811
+def test_interpreted_pruner_takes_the_kernel_and_drops_the_same_tokens(interpreter, monkeypatch, family):
     model, make_inputs = FACTORIES[family]()
     a, b = IMAGES[family]
     batch = make_inputs([(5, a, 7), (3, b, 4), (4, None, 6)])  # padded, two image sizes, one text-only sample

@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .fused_scores import _interpreting, _jit
 
-__all__ = ["MAX_SLOTS", "can_run", "fused_select_compact"]
+__all__ = ["MAX_SLOTS", "can_run", "for_state", "fused_select_compact"]
 
 MAX_SLOTS = 8192  # slots per row kept in registers (LLaVA-NeXT's ~3000 need 4096)
 
@@ -129,3 +129,11 @@ def fused_select_compact(scores: torch.Tensor, candidates: torch.Tensor, k: torc
     _select_compact[(bsz,)](scores.contiguous(), flags[0], flags[1], k.contiguous(), *state, *outputs,
                             n_slots, new_len, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return out
+
+
+def for_state(state, scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, counts: list[int]) -> dict:
+    """:func:`fused_select_compact` on a pruner's prefill state (:class:`fitprune.prefill_state.PrefillState`)
+    with the host-known drop ``counts``: the kept slots are left-padded to the longest row."""
+    new_len = max(n - c for n, c in zip(state.slots, counts))
+    return fused_select_compact(scores, candidates, k, state.valid, state.idx, state.visual, state.text,
+                                state.real, new_len)
