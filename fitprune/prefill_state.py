@@ -108,6 +108,10 @@ class PrefillState:
         """Tokens each sample really drops after ``layer`` under the recipe (never more than alive)."""
         return [min(d[layer], a) for d, a in zip(self.drops, self.alive_visual)]
 
+    def width_after(self, counts: list[int]) -> int:
+        """Slots per row after dropping ``counts[b]`` from each row: the longest row's survivors."""
+        return max(n - k for n, k in zip(self.slots, counts))
+
     def first_candidate_row(self) -> int:
         """A slot index no later than any sample's first alive visual slot (system rows come first)."""
         width = self.width

@@ -301,19 +301,17 @@ class Pruner:
 
             if fused_select.can_run(scores):
                 self._fused_select[i] = out = fused_select.for_state(state, scores, candidates, k, counts)
+                state.selection[i] = (out["sel"], out["valid"])  # what _selection would compute
                 return out["drop"]
         return scoring.select_drops(scores, candidates, k)
 
     def _selection(self, state: PrefillState, i: int):
         """(sel, new_valid): slots kept after layer i, left-padded with invalid slots to one length."""
-        if i not in state.selection and i in self._fused_select:
-            fused = self._fused_select[i]
-            state.selection[i] = (fused["sel"], fused["valid"])
         if i not in state.selection:
             with stage("selection"):
                 drop, counts = state.pending[i]
                 keep = state.valid & ~drop
-                new_len = max(n - k for n, k in zip(state.slots, counts))
+                new_len = state.width_after(counts)
                 order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # dropped first, order kept
                 sel = order[:, keep.shape[1] - new_len :]
                 state.selection[i] = (sel, keep.gather(1, sel))

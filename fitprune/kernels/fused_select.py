@@ -134,6 +134,5 @@ def fused_select_compact(scores: torch.Tensor, candidates: torch.Tensor, k: torc
 def for_state(state, scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, counts: list[int]) -> dict:
     """:func:`fused_select_compact` on a pruner's prefill state (:class:`fitprune.prefill_state.PrefillState`)
     with the host-known drop ``counts``: the kept slots are left-padded to the longest row."""
-    new_len = max(n - c for n, c in zip(state.slots, counts))
     return fused_select_compact(scores, candidates, k, state.valid, state.idx, state.visual, state.text,
-                                state.real, new_len)
+                                state.real, state.width_after(counts))
