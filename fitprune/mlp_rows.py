@@ -54,6 +54,8 @@ def full_length(rows: torch.Tensor, sel: torch.Tensor, length: int) -> torch.Ten
     return full.scatter(1, sel[..., None].expand(-1, -1, rows.shape[-1]), rows)
 
 
-def stand_in(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """Folded path: a broadcast zero of (B, length, D) for the layer to add (no memory, no kernel)."""
-    return rows.new_zeros(()).expand(rows.shape[0], length, rows.shape[-1])
+def stand_in(rows: torch.Tensor, length: int, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """Folded path: a broadcast zero of (B, length, D) for the layer to add (no memory). ``zero``: a
+    0-d zero of ``rows``' dtype and device made earlier (none is filled now: one launch fewer)."""
+    zero = rows.new_zeros(()) if zero is None else zero
+    return zero.expand(rows.shape[0], length, rows.shape[-1])

@@ -55,6 +55,7 @@ class PrefillState:
     drops: list[list[int]]  # [b][layer] the recipe's drops after each layer (shared, read-only lists)
     initial_visual: list[int]  # visual tokens of the prompt
     initial_real: list[int]  # non-padding tokens of the prompt
+    n_text: list[int]  # text rows T (real tokens after the last visual one); never dropped
     # progress through the layers
     version: int = 0  # how many pruning layers have run so far
     layer_version: list[int] = field(default_factory=list)  # version each layer saw (decode re-slices with it)
@@ -82,12 +83,13 @@ class PrefillState:
         last_visual = torch.where(visual, positions, -1).amax(1)
         first_visual = torch.where(visual, positions, input_len).amin(1)
         text = real & (positions[None, :] > last_visual[:, None])
-        alive_visual, alive_real, first = torch.stack([visual.sum(1), real.sum(1), first_visual]).tolist()
+        alive_visual, alive_real, first, n_text = torch.stack(
+            [visual.sum(1), real.sum(1), first_visual, text.sum(1)]).tolist()
         return cls(
             input_len=input_len, idx=idx, valid=valid, visual=visual, real=real, text=text,
             alive_visual=alive_visual, alive_real=alive_real, first_visual=first, slots=[input_len] * bsz,
             drops=[drops_for(n) for n in alive_visual], initial_visual=list(alive_visual),
-            initial_real=list(alive_real), versions=[(idx, valid, True)],
+            initial_real=list(alive_real), n_text=n_text, versions=[(idx, valid, True)],
         )
 
     def __repr__(self) -> str:  # the default would print every tensor

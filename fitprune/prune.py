@@ -43,7 +43,7 @@ from .prefill_state import DecodeSession, PrefillState, PrefillView, cache_of
 from .profiling import stage
 from .prune_report import PruneReport, report_of
 from .recipe import Recipe, RecipeError
-from .reslice import decode_mask, gather_seq, prefill_mask
+from .reslice import decode_mask, gather_tables, prefill_mask, stack_tables
 
 __all__ = ["Probe", "Pruner", "PruneReport", "cache_of"]
 
@@ -234,8 +234,13 @@ class Pruner:
             if key not in state.resliced:
                 if name == "attention_mask":
                     state.resliced[key] = prefill_mask(value, state.idx, state.valid, state.all_valid)
+                elif value is not None:  # RoPE's (cos, sin): stacked once per forward, one gather per version
+                    stacked_key = (id(value), "stacked")
+                    if stacked_key not in state.resliced:
+                        state.resliced[stacked_key] = stack_tables(value)
+                    state.resliced[key] = gather_tables(value, state.resliced[stacked_key], state.idx)
                 else:
-                    state.resliced[key] = None if value is None else tuple(gather_seq(t, state.idx) for t in value)
+                    state.resliced[key] = None
             kwargs[name] = state.resliced[key]
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = None  # gapped ids look like packed sequences to FlashAttention
@@ -274,7 +279,8 @@ class Pruner:
             cs = None
             if self.probe is not None or (by_recipe and rule.cross_self):
                 with stage("scoring"):
-                    cs = scoring.state_cross_self(state, query, key, mask, scaling, candidates, self.fused_scores)
+                    cs = scoring.state_cross_self(state, query, key, mask, scaling, candidates, self.fused_scores,
+                                                    self.constants)
             drop = self.probe.on_scores(i, state.read_only(), *cs, candidates) if self.probe is not None else None
             if drop is not None:
                 counts = drop.sum(1).tolist()  # data-dependent drops: count them (probes only)
@@ -341,7 +347,7 @@ class Pruner:
                 return None
             if self._fold_now and i in self._fold_mlp:  # the layer returns its residual; the rows are added in _layer_post
                 self._mlp_out[i] = output
-                return mlp_rows.stand_in(output, state.idx.shape[1])
+                return mlp_rows.stand_in(output, state.idx.shape[1], self.constants.zero(output))
             sel, _ = self._selection(state, i)
             with stage("compaction"):
                 return mlp_rows.full_length(output, sel, state.idx.shape[1])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_mask", "gather_seq", "mask_fill", "prefill_mask"]
+__all__ = ["decode_mask", "gather_seq", "gather_tables", "mask_fill", "prefill_mask", "stack_tables"]
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -22,6 +22,25 @@ def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
     index = idx[..., None].expand(*lead, bsz, lc, t.shape[-1])
     return torch.gather(t, -2, index)
+
+
+def stack_tables(tables) -> torch.Tensor | None:
+    """RoPE's (cos, sin) stacked on a new leading dim, for :func:`gather_tables`; None where they differ
+    in shape, dtype or device (each is then gathered alone)."""
+    tables = tuple(tables)
+    first = tables[0]
+    if len(tables) < 2 or any(t.shape != first.shape or t.dtype != first.dtype or t.device != first.device
+                              for t in tables[1:]):
+        return None
+    return torch.stack(tables)
+
+
+def gather_tables(tables, stacked: torch.Tensor | None, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``tables`` (..., B|1, L, D) gathered at ``idx`` (B, Lc): one gather of ``stacked``
+    (:func:`stack_tables` of them) where there is one, else one per table."""
+    if stacked is None:
+        return tuple(gather_seq(t, idx) for t in tables)
+    return tuple(gather_seq(stacked, idx).unbind(0))
 
 
 def mask_fill(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

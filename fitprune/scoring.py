@@ -126,17 +126,25 @@ def use_fused(query: torch.Tensor, fused_scores: bool | None) -> bool:
 
 
 def state_cross_self(state, query, key, mask, scaling: float, candidates: torch.Tensor,
-                     fused_scores: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     fused_scores: bool | None = None, constants=None) -> tuple[torch.Tensor, torch.Tensor]:
     """FitPrune's c and s (B, Lc) for the alive visual slots of a pruner's prefill ``state``
     (:class:`fitprune.prefill_state.PrefillState`; 0 before its first candidate row), by the fused
     kernel (``fitprune.kernels.fused_scores``, no attention probabilities materialised) or the torch
-    path, as :func:`use_fused` decides."""
+    path, as :func:`use_fused` decides. ``constants`` (the pruner's
+    :class:`~fitprune.device_constants.DeviceConstants`): when every sample has visual tokens, the fused
+    kernel then takes the host-known row counts instead of building the row weights on the device."""
     first = state.first_candidate_row()  # system rows are neither T nor V
-    text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)
-    visual_rows = candidates[:, first:]  # (B, R)
     if use_fused(query, fused_scores):
         from .kernels import fused_scores as kernel
 
-        return kernel.fused_cross_self(query, key, mask, scaling, first, text_rows, visual_rows)
+        if constants is not None and all(f < state.input_len for f in state.first_visual):
+            # every sample has visual tokens: its text rows (after its last one) and its visual rows all
+            # lie in [first, Lc), so |T| and |V| are the host counts n_text and alive_visual
+            inverse = constants.inverse_counts(state.n_text, state.alive_visual, query.device)
+            return kernel.fused_cross_self_flags(query, key, mask, scaling, first, state.text, state.valid,
+                                                 candidates, inverse)
+        return kernel.fused_cross_self(query, key, mask, scaling, first, state.text[:, first:] & state.valid[:, first:],
+                                       candidates[:, first:])
+    text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)
     probs = head_max_probs(query, key, mask, scaling, row_start=first)
-    return cross_self(probs, text_rows, visual_rows)
+    return cross_self(probs, text_rows, candidates[:, first:])

@@ -32,8 +32,16 @@ def fake_kernel(monkeypatch):
         probs = scoring.head_max_probs(query, key, mask, scaling, row_start=row_start)
         return scoring.cross_self(probs, text_rows, visual_rows)
 
+    def flags_kernel(query, key, mask, scaling, row_start, text, valid, visual, inverse_counts):
+        # the flags entry point must get the counts its rows have
+        text_rows, visual_rows = text[:, row_start:] & valid[:, row_start:], visual[:, row_start:]
+        counts = torch.stack([text_rows.sum(1), visual_rows.sum(1)], 1).float().clamp(min=1)
+        assert torch.equal(inverse_counts, 1 / counts)
+        return kernel(query, key, mask, scaling, row_start, text_rows, visual_rows)
+
     monkeypatch.setattr(fused_scores, "supported", lambda where: True)
     monkeypatch.setattr(fused_scores, "fused_cross_self", kernel)
+    monkeypatch.setattr(fused_scores, "fused_cross_self_flags", flags_kernel)
     return calls
 
 

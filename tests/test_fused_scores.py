@@ -17,6 +17,7 @@ from tiny_models import FACTORIES, IMAGES
 
 import fitprune
 from fitprune import Recipe, scoring
+from fitprune.device_constants import DeviceConstants
 from fitprune.kernels import fused_scores
 
 MASKS = ("none", "pad2d", "bool4d", "float4d")
@@ -129,6 +130,47 @@ def test_interpreted_dead_rows_follow_torch_softmax(interpreter):
     torch.testing.assert_close(c[2], torch.full_like(c[2], 1 / 40))
 
 
+def _flags_case(dtype, device, heads=(4, 2), q_len=50, row_start=5):
+    """A causal case as (B, Lq) slot flags: text with some invalid text slots (the kernel must AND
+    them with valid), visual, and the row counts' reciprocals as the pruner's constants make them."""
+    query, key, _, row_start, text, visual = _case("none", dtype, heads, q_len=q_len, kv_len=q_len,
+                                                   row_start=row_start, device=device)
+    bsz = query.shape[0]
+    lead = torch.zeros(bsz, row_start, dtype=torch.bool, device=device)
+    text, visual = torch.cat([lead, text], 1), torch.cat([lead, visual], 1)
+    valid = torch.ones_like(text)
+    valid[0, -3:] = False  # three of sample 0's text slots are padding slots
+    rows = (text & valid)[:, row_start:], visual[:, row_start:]
+    counts = [[int(r.sum()) for r in rows[0]], [int(r.sum()) for r in rows[1]]]
+    inverse = DeviceConstants(0).inverse_counts(*counts, device)
+    return query, key, row_start, text, valid, visual, inverse, rows
+
+
+def _check_flags(dtype, device, **kw):
+    query, key, row_start, text, valid, visual, inverse, rows = _flags_case(dtype, device)
+    scaling = query.shape[-1] ** -0.5
+    got = fused_scores.fused_cross_self_flags(query, key, None, scaling, row_start, text, valid, visual, inverse, **kw)
+    want = fused_scores.fused_cross_self(query, key, None, scaling, row_start, *rows, **kw)
+    assert want[0].abs().max() > 0 and want[1].abs().max() > 0
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # the same weights, bit for bit
+
+
+@interpreted
+def test_interpreted_flags_entry_equals_explicit_weights(interpreter):
+    _check_flags(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
+    _check_flags(torch.bfloat16, "cpu")
+
+
+@needs_triton
+def test_flags_entry_checks_its_counts():
+    q = torch.zeros(1, 2, 8, 16)
+    flags = torch.zeros(1, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"inverse_counts must be \(B, 2\)"):
+        fused_scores.fused_cross_self_flags(q, q, None, 0.25, 0, flags, flags, flags, torch.ones(2))
+    with pytest.raises(ValueError, match="valid must have the shape of text"):
+        fused_scores.fused_cross_self_flags(q, q, None, 0.25, 0, flags, flags[:, :4], flags, torch.ones(1, 2))
+
+
 def test_available_needs_cuda_and_respects_env(monkeypatch):
     assert not fused_scores.available(torch.zeros(1))
     if torch.cuda.is_available() and HAS_TRITON:
@@ -165,18 +207,23 @@ def test_interpreted_pruner_fused_path_drops_the_same_tokens(interpreter, monkey
     recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
     want, want_logits = _dropped(model, batch, recipe)
 
-    calls = []  # the mask each call got
-    original = fused_scores.fused_cross_self
+    calls = []  # (entry point, mask) of each call
+    originals = {name: getattr(fused_scores, name) for name in ("fused_cross_self", "fused_cross_self_flags")}
 
-    def spy(query, key, mask, *args, **kwargs):
-        calls.append(mask)
-        return original(query, key, mask, *args, **kwargs)
+    def spy(name):
+        def call(query, key, mask, *args, **kwargs):
+            calls.append((name, mask))
+            return originals[name](query, key, mask, *args, **kwargs)
+        return call
 
     monkeypatch.setattr(fused_scores, "supported", lambda where: True)  # the kernel runs on the CPU here
-    monkeypatch.setattr(fused_scores, "fused_cross_self", spy)
+    for name in originals:
+        monkeypatch.setattr(fused_scores, name, spy(name))
     got, got_logits = _dropped(model, batch, recipe)
-    assert len(calls) == 2  # both pruning layers scored by the kernel
-    assert (calls[0] is None) != padded  # unpadded: plain causal (SDPA's is_causal), else a 4D mask
+    if padded:  # a sample without an image: its rows are counted on the device (fused_cross_self only)
+        assert [(n, m is None) for n, m in calls] == [("fused_cross_self", False)] * 2  # a 4D mask
+    else:  # plain causal (SDPA's is_causal): the flags and host counts go to the kernel as they are
+        assert [(n, m is None) for n, m in calls] == [("fused_cross_self_flags", True)] * 2
     assert got == want and any(any(layer) for sample in got for layer in sample)
     torch.testing.assert_close(got_logits, want_logits)
 
@@ -194,6 +241,14 @@ def test_cuda_matches_torch_path(monkeypatch, kind, dtype, heads):
     case = _case(kind, dtype, heads, q_len=333, kv_len=333, row_start=37, hd=128, device="cuda")
     _check(case, dtype)
     _check(case, dtype, block_m=16, block_n=32, splits=5)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_flags(torch.bfloat16, "cuda")
+    _check_flags(torch.float32, "cuda", block_m=16, block_n=32, splits=5)
 
 
 @pytest.mark.gpu

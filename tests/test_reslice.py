@@ -7,7 +7,7 @@ import itertools
 
 import torch
 
-from fitprune.reslice import decode_mask, gather_seq, mask_fill, prefill_mask
+from fitprune.reslice import decode_mask, gather_seq, gather_tables, mask_fill, prefill_mask, stack_tables
 
 NEG = torch.finfo(torch.float32).min
 
@@ -47,6 +47,23 @@ def test_gather_seq_picks_positions_per_sample_and_broadcasts_the_batch():
     lead = torch.stack([t, -t])  # (2, 1, L, D): a leading dim (M-RoPE's 3 sections have one)
     out = gather_seq(lead, idx)
     assert out.shape == (2, 2, 4, 3) and torch.equal(out[1], -gather_seq(t, idx))
+
+
+def test_rope_tables_gathered_once_equal_one_gather_each():
+    idx, _ = _compressed()
+    gen = torch.Generator().manual_seed(0)
+    for lead in ((), (3,)):  # LLaMA's (1, L, D) tables, and Qwen2-VL's multimodal (3, 1, L, D)
+        cos, sin = (torch.randn(*lead, 1, 6, 8, generator=gen) for _ in range(2))
+        stacked = stack_tables((cos, sin))
+        assert stacked is not None and stacked.shape == (2, *cos.shape)
+        got = gather_tables((cos, sin), stacked, idx)
+        want = (gather_seq(cos, idx), gather_seq(sin, idx))
+        assert all(torch.equal(g, w) and g.is_contiguous() for g, w in zip(got, want))
+        assert got[0].shape == (*lead, 2, 4, 8)
+    # tables that differ in dtype or shape are not stacked; each is gathered alone
+    for pair in ((cos, sin.double()), (cos, sin[..., :4])):
+        assert stack_tables(pair) is None
+        assert all(torch.equal(g, gather_seq(t, idx)) for g, t in zip(gather_tables(pair, None, idx), pair))
 
 
 def test_mask_fill_keeps_the_mask_type():

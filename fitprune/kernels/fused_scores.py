@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import FUSED_SCORES_ENV as ENV_VAR  # "0": the default setting is off (the pruner then uses fitprune.scoring)
 
-__all__ = ["ENV_VAR", "available", "fused_cross_self", "supported"]
+__all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "supported"]
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
@@ -187,15 +187,20 @@ def _row_stats(
 
 @_jit
 def _cross_self(
-    Q, K, MASK, M_IN, L_IN, W_T, W_V, OUT,
+    Q, K, MASK, M_IN, L_IN, W_T, W_V, VALID, INV, OUT,
     sqb, sqh, sqr, sqd,
     skb, skh, skn, skd,
     smb, smr, smn,
+    swb, swr,  # row-flag strides (B, Lq) when ROW_FLAGS
     n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling, n_splits,
-    MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
+    MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROW_FLAGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv)."""
+    """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv).
+
+    Row weights: ROW_FLAGS False, W_T / W_V are (B, R) float32 t_r/|T| and v_r/|V|; ROW_FLAGS True, they
+    are (B, Lq) bool flags (text rows, visual rows; a text row counts where VALID is set too) and INV
+    (B, 2) float32 holds 1/|T|, 1/|V|: the same weights without materialising them."""
     NEG_F: tl.constexpr = -3.4028234663852886e38
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -218,8 +223,14 @@ def _cross_self(
     for rb in range(rb_start + split, n_rb, n_splits):  # this split's row blocks
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
         row_ok = rows < n_rows
-        w_t = tl.load(W_T + b * n_rows + rows, mask=row_ok, other=0.0)  # (BM,) t_r / |T| (0: not scored)
-        w_v = tl.load(W_V + b * n_rows + rows, mask=row_ok, other=0.0)
+        if ROW_FLAGS:
+            flag = b * swb + (row_start + rows) * swr
+            t_r = (tl.load(W_T + flag, mask=row_ok, other=0) != 0) & (tl.load(VALID + flag, mask=row_ok, other=0) != 0)
+            w_t = tl.where(t_r, tl.load(INV + 2 * b), 0.0)  # (BM,) t_r / |T| (0: not scored)
+            w_v = tl.where(tl.load(W_V + flag, mask=row_ok, other=0) != 0, tl.load(INV + 2 * b + 1), 0.0)
+        else:
+            w_t = tl.load(W_T + b * n_rows + rows, mask=row_ok, other=0.0)  # (BM,) t_r / |T| (0: not scored)
+            w_v = tl.load(W_V + b * n_rows + rows, mask=row_ok, other=0.0)
         bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
         if (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0):  # something allowed, some row scored
             p_max = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # max over heads of the probabilities
@@ -307,6 +318,47 @@ def fused_cross_self(
     rows / keys, powers of two >= 16.
     """
     _check(query, key, text_rows, visual_rows, row_start)
+    return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits, block_m, block_n)
+
+
+def fused_cross_self_flags(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float, row_start: int,
+    text: torch.Tensor,  # (B, Lq) bool: text slots (a row is in T where ``valid`` is set too)
+    valid: torch.Tensor,  # (B, Lq) bool
+    visual_rows: torch.Tensor,  # (B, Lq) bool: alive visual slots (V, from row_start on)
+    inverse_counts: torch.Tensor,  # (B, 2) float32: 1 / max(1, |T|), 1 / max(1, |V|) per sample
+    *,
+    splits: int | None = None,
+    block_m: int = BLOCK_M,
+    block_n: int = BLOCK_N,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fused_cross_self` of ``text_rows = (text & valid)[:, row_start:]`` and ``visual_rows[:, row_start:]``
+    with the counts already known (the pruner keeps them on the host): under a causal mask the kernel
+    reads the flags and the inverse counts, so no weights are built (six launches fewer per pruning
+    layer, the same bits: ``inverse_counts`` is the same float32 division). Other masks take the
+    general path (its dead-row correction needs the weights)."""
+    if mask is not None:
+        return fused_cross_self(query, key, mask, scaling, row_start, text[:, row_start:] & valid[:, row_start:],
+                                visual_rows[:, row_start:], splits=splits, block_m=block_m, block_n=block_n)
+    _check(query, key, text[:, row_start:], visual_rows[:, row_start:], row_start)  # shapes (views)
+    if tuple(valid.shape) != tuple(text.shape):
+        raise ValueError(f"valid must have the shape of text, {tuple(text.shape)}; got {tuple(valid.shape)}")
+    bsz = query.shape[0]
+    if tuple(inverse_counts.shape) != (bsz, 2) or inverse_counts.dtype != torch.float32:
+        raise ValueError(f"inverse_counts must be (B, 2) = ({bsz}, 2) float32; got {tuple(inverse_counts.shape)} "
+                         f"{inverse_counts.dtype}")
+    flags = (_flag_bytes(text), _flag_bytes(valid), _flag_bytes(visual_rows), inverse_counts.contiguous())
+    return _scores(query, key, mask, scaling, row_start, None, flags, splits, block_m, block_n)
+
+
+def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, splits, block_m: int, block_n: int):
+    """Both passes; row weights from ``rows`` (text_rows, visual_rows), or from ``flags`` (text, valid,
+    visual, inverse counts; causal mask only)."""
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
@@ -329,16 +381,22 @@ def fused_cross_self(
     _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
                                       num_warps=ROW_STATS_WARPS)
 
-    # row weights t_r/|T| and v_r/|V|, stacked (2, B, R) so each half is a contiguous (B, R)
-    rows = torch.stack([text_rows, visual_rows]).float()
-    w = rows / rows.sum(2, keepdim=True).clamp(min=1)
     uniform = None
-    if mode != CAUSAL:  # causal: every row allows key 0, so no row is dead (fewer kernels at batch 1)
-        # a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
-        dead = (row_max == NEG).all(1)  # (B, R)
-        uniform = (w * dead).sum(2).T[..., None] / kv_len  # (B, 2, 1)
-        w = w.masked_fill(dead, 0.0)
-    w_t, w_v = w[0], w[1]
+    if flags is None:
+        # row weights t_r/|T| and v_r/|V|, stacked (2, B, R) so each half is a contiguous (B, R)
+        w = torch.stack(rows).float()
+        w = w / w.sum(2, keepdim=True).clamp(min=1)
+        if mode != CAUSAL:  # causal: every row allows key 0, so no row is dead (fewer kernels at batch 1)
+            # a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
+            dead = (row_max == NEG).all(1)  # (B, R)
+            uniform = (w * dead).sum(2).T[..., None] / kv_len  # (B, 2, 1)
+            w = w.masked_fill(dead, 0.0)
+        weights, flag_strides = (w[0], w[1], row_max, row_max), (0, 0)  # VALID, INV never read
+    else:
+        text, valid, visual, inv = flags
+        if text.stride() != valid.stride() or text.stride() != visual.stride():
+            text, valid, visual = (t.contiguous() for t in (text, valid, visual))
+        weights, flag_strides = (text, visual, valid, inv), text.stride()
 
     # pass 2: max over heads, weighted sums over rows; `splits` partials per column block
     n_cb = triton.cdiv(kv_len, block_n)
@@ -348,8 +406,9 @@ def fused_cross_self(
         splits = triton.cdiv(programs, bsz * n_cb)
     splits = max(1, min(int(splits), n_rb))
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
-    _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, w_t, w_v, partial, *strides, *geometry,
-                                     splits, **common, num_warps=CROSS_SELF_WARPS)
+    _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, *weights, partial, *strides, *flag_strides,
+                                     *geometry, splits, **common, ROW_FLAGS=flags is not None,
+                                     num_warps=CROSS_SELF_WARPS)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
         cs = cs + uniform
