@@ -3,7 +3,9 @@
 For every stock implementation (``sdpa``, ``eager``, ``flash_attention_2``/``_3``) we register a
 ``fitprune_<name>`` twin. It gives the pruner a look at the layer's post-RoPE queries and keys
 (only when the pruner asks for that layer), then calls the stock function for the real output, so
-the model never falls back to global eager attention. The mask function must be registered too:
+the model never falls back to global eager attention. A callback with a ``wants_lse(query, mask)``
+attribute that says True gets the attention's log-sum-exp too (``lse=``): under ``sdpa``, where
+:mod:`fitprune.lse_attention` applies, the twin runs SDPA's flash kernel itself and hands the LSE over. The mask function must be registered too:
 registering only the attention function silently drops the padding mask (DESIGN.md §3).
 """
 
@@ -17,6 +19,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from . import lse_attention
 
 __all__ = ["PREFIX", "SUPPORTED", "observe", "unobserve", "wrapped_name"]
 
@@ -45,7 +49,14 @@ def _make(base: str) -> Callable:
     def attention(module, query, key, value, attention_mask, **kwargs):
         callback = _OBSERVERS.get(module)
         if callback is not None:
-            callback(module, query, key, attention_mask, kwargs.get("scaling", module.scaling))
+            scaling = kwargs.get("scaling", module.scaling)
+            wants_lse = getattr(callback, "wants_lse", None)
+            if (base == "sdpa" and wants_lse is not None and wants_lse(query, attention_mask)
+                    and lse_attention.applies(module, query, key, value, attention_mask, scaling, kwargs)):
+                output, lse = lse_attention.attend(query, key, value, scaling)  # stock SDPA's kernel and bits
+                callback(module, query, key, attention_mask, scaling, lse=lse)
+                return output, None
+            callback(module, query, key, attention_mask, scaling)
         return _stock_function(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"{PREFIX}{base}_attention"

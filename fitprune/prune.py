@@ -268,7 +268,13 @@ class Pruner:
         return kwargs
 
     def _attention_observer(self, i: int):
-        def observe(module, query, key, mask, scaling):
+        def wants_lse(query, mask) -> bool:  # the layer's c and s will come from the fused kernel (attention.py)
+            state = self.prefill
+            return (state is not None and mask is None and query.shape[2] > 1 and any(state.alive_visual)
+                    and (self.probe is not None or (self.rule.cross_self and any(state.recipe_drops(i))))
+                    and scoring.takes_counts(state, query, self.fused_scores))
+
+        def observe(module, query, key, mask, scaling, lse=None):
             state = self.prefill
             if state is None or query.shape[2] < 2 or not any(state.alive_visual):
                 return
@@ -280,7 +286,7 @@ class Pruner:
             if self.probe is not None or (by_recipe and rule.cross_self):
                 with stage("scoring"):
                     cs = scoring.state_cross_self(state, query, key, mask, scaling, candidates, self.fused_scores,
-                                                    self.constants)
+                                                    self.constants, lse)
             drop = self.probe.on_scores(i, state.read_only(), *cs, candidates) if self.probe is not None else None
             if drop is not None:
                 counts = drop.sum(1).tolist()  # data-dependent drops: count them (probes only)
@@ -295,6 +301,7 @@ class Pruner:
             if drop is not None and any(counts):
                 state.pending[i] = (drop, counts)
 
+        observe.wants_lse = wants_lse
         return observe
 
     def _select(self, state: PrefillState, i: int, scores, candidates, counts: list[int], query) -> torch.Tensor:

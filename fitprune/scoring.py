@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self", "use_fused"]
+__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self", "takes_counts", "use_fused"]
 
 # Work memory for one head chunk of attention probabilities (float32 elements, 512 MiB).
 CHUNK_ELEMENTS = 128 * 1024 * 1024
@@ -125,24 +125,32 @@ def use_fused(query: torch.Tensor, fused_scores: bool | None) -> bool:
     return False
 
 
+def takes_counts(state, query, fused_scores: bool | None) -> bool:
+    """Whether :func:`state_cross_self` hands the fused kernel the host-known row counts (and an
+    attention log-sum-exp): the kernel runs and every sample has visual tokens, so its text rows (after
+    its last one) and its visual rows all lie in [first candidate row, Lc)."""
+    return use_fused(query, fused_scores) and all(f < state.input_len for f in state.first_visual)
+
+
 def state_cross_self(state, query, key, mask, scaling: float, candidates: torch.Tensor,
-                     fused_scores: bool | None = None, constants=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     fused_scores: bool | None = None, constants=None,
+                     lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FitPrune's c and s (B, Lc) for the alive visual slots of a pruner's prefill ``state``
     (:class:`fitprune.prefill_state.PrefillState`; 0 before its first candidate row), by the fused
     kernel (``fitprune.kernels.fused_scores``, no attention probabilities materialised) or the torch
     path, as :func:`use_fused` decides. ``constants`` (the pruner's
-    :class:`~fitprune.device_constants.DeviceConstants`): when every sample has visual tokens, the fused
-    kernel then takes the host-known row counts instead of building the row weights on the device."""
+    :class:`~fitprune.device_constants.DeviceConstants`): where :func:`takes_counts`, the fused kernel
+    then takes the host counts n_text and alive_visual instead of building the row weights on the
+    device, and ``lse`` (B, H, Lc), the layer attention's log-sum-exp (:mod:`fitprune.lse_attention`),
+    instead of its own first pass."""
     first = state.first_candidate_row()  # system rows are neither T nor V
     if use_fused(query, fused_scores):
         from .kernels import fused_scores as kernel
 
-        if constants is not None and all(f < state.input_len for f in state.first_visual):
-            # every sample has visual tokens: its text rows (after its last one) and its visual rows all
-            # lie in [first, Lc), so |T| and |V| are the host counts n_text and alive_visual
+        if constants is not None and takes_counts(state, query, fused_scores):
             inverse = constants.inverse_counts(state.n_text, state.alive_visual, query.device)
             return kernel.fused_cross_self_flags(query, key, mask, scaling, first, state.text, state.valid,
-                                                 candidates, inverse)
+                                                 candidates, inverse, lse=lse)
         return kernel.fused_cross_self(query, key, mask, scaling, first, state.text[:, first:] & state.valid[:, first:],
                                        candidates[:, first:])
     text_rows = state.text[:, first:] & state.valid[:, first:]  # (B, R)

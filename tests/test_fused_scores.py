@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 from triton_interpreter import HAS_TRITON, IN_INTERPRETER, interpreted, needs_triton, run_interpreted
-from tiny_models import FACTORIES, IMAGES
+from tiny_models import FACTORIES, IMAGES, tiny_llava
 
 import fitprune
-from fitprune import Recipe, scoring
+from fitprune import Recipe, lse_attention, scoring
 from fitprune.device_constants import DeviceConstants
 from fitprune.kernels import fused_scores
 
@@ -161,6 +161,43 @@ def test_interpreted_flags_entry_equals_explicit_weights(interpreter):
     _check_flags(torch.bfloat16, "cpu")
 
 
+def _check_lse(dtype, device, **kw):
+    """Pass 2 on the attention's own log-sum-exp equals both passes on float32 logits (the LSE mode does
+    not round q·kᵀ to the model dtype, as flash attention does not)."""
+    query, key, row_start, text, valid, visual, inverse, rows = _flags_case(dtype, device, heads=(4, 4))
+    scaling = query.shape[-1] ** -0.5
+    _, lse = lse_attention.attend(query, key, key, scaling)
+    got = fused_scores.fused_cross_self_flags(query, key, None, scaling, row_start, text, valid, visual, inverse,
+                                              lse=lse, **kw)
+    want = _reference(query.float(), key.float(), None, scaling, row_start, *rows)
+    assert want[0].abs().max() > 0 and want[1].abs().max() > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@interpreted
+def test_interpreted_lse_entry_matches_float32_reference(interpreter):
+    _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
+
+
+@interpreted
+def test_interpreted_pruner_takes_the_attention_lse(interpreter, monkeypatch):
+    """An MHA model, one sample (plain causal): both pruning layers get the LSE from their attention;
+    the output is the stock attention's, so the logits are bit for bit those with the LSE turned off."""
+    model, make_inputs = tiny_llava(num_kv_heads=4)
+    batch = make_inputs([(5, IMAGES["llava"][0], 7)])
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+    monkeypatch.setattr(fused_scores, "supported", lambda where: True)
+    calls, original = [], lse_attention.attend
+    monkeypatch.setattr(lse_attention, "attend", lambda *a: calls.append(1) or original(*a))
+    with_lse, with_lse_logits = _dropped(model, batch, recipe)
+    assert len(calls) == 2
+    monkeypatch.setattr(lse_attention, "applies", lambda *a, **k: False)
+    without, without_logits = _dropped(model, batch, recipe)
+    assert len(calls) == 2 and with_lse == without and any(any(layer) for sample in with_lse for layer in sample)
+    assert torch.equal(with_lse_logits, without_logits)
+
+
 @needs_triton
 def test_flags_entry_checks_its_counts():
     q = torch.zeros(1, 2, 8, 16)
@@ -249,6 +286,37 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_flags(torch.bfloat16, "cuda")
     _check_flags(torch.float32, "cuda", block_m=16, block_n=32, splits=5)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _check_lse(torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_cuda_pruner_with_attention_lse_keeps_stock_outputs(monkeypatch):
+    """bf16 MHA on the GPU (flash attention): the pruning layers' outputs are stock SDPA's, so with the
+    same drops the logits are bit for bit those without the LSE; the drops agree with the torch path."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, make_inputs = tiny_llava(num_kv_heads=4)
+    model = model.to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() for k, v in make_inputs([(5, IMAGES["llava"][0], 7)] * 3).items()}
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+    calls, original = [], lse_attention.attend
+    monkeypatch.setattr(lse_attention, "attend", lambda *a: calls.append(1) or original(*a))
+    with_lse, with_lse_logits = _dropped(model, batch, recipe)
+    assert len(calls) == 2
+    monkeypatch.setattr(lse_attention, "applies", lambda *a, **k: False)
+    without, without_logits = _dropped(model, batch, recipe)
+    assert with_lse == without
+    assert torch.equal(with_lse_logits, without_logits)
+    monkeypatch.setenv(fused_scores.ENV_VAR, "0")
+    torch_path, _ = _dropped(model, batch, recipe)
+    assert torch_path == with_lse
 
 
 @pytest.mark.gpu

@@ -85,11 +85,11 @@ def _left_pad(rows: list[list[int]], extra: list[list[int]] | None = None):
     return ids, mask
 
 
-def tiny_llava(seed: int = 0, attn: str = "sdpa", num_layers: int = 4):
+def tiny_llava(seed: int = 0, attn: str = "sdpa", num_layers: int = 4, num_kv_heads: int = 2):
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=_clip(image_size=24, patch=4),  # 36 patches → 36 visual tokens
-        text_config=LlamaConfig(**_text(num_hidden_layers=num_layers)),
+        text_config=LlamaConfig(**_text(num_hidden_layers=num_layers, num_key_value_heads=num_kv_heads)),
         image_token_id=IMAGE_ID,
         vision_feature_layer=-1,
     )

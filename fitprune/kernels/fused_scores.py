@@ -117,22 +117,25 @@ def _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off
 
 
 @_jit
-def _logits(q, kt, bias, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr):
+def _logits(q, kt, bias, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROUND: tl.constexpr = True):
     """(BM, BN) float32 logits of q (BM, BD) and kᵀ (BD, BN): q·kᵀ rounded to the input dtype (the torch
-    path multiplies in the model dtype), then * scaling + bias in float32."""
+    path multiplies in the model dtype; ROUND False: kept in float32, as flash attention does, whose
+    log-sum-exp the LSE mode reads), then * scaling + bias in float32."""
     if INTERPRET:  # Triton 3.6's interpreter: bf16 dots are wrong and float32 → bf16 truncates
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        if q.dtype == tl.bfloat16:  # round to nearest even by hand
-            bits = s.to(tl.uint32, bitcast=True)
-            s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:
-            s = s.to(q.dtype).to(tl.float32)
+        if ROUND:
+            if q.dtype == tl.bfloat16:  # round to nearest even by hand
+                bits = s.to(tl.uint32, bitcast=True)
+                s = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            else:
+                s = s.to(q.dtype).to(tl.float32)
     else:
         if IEEE:  # float32 inputs: no TF32, as torch's matmul
             s = tl.dot(q, kt, input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = s.to(q.dtype).to(tl.float32)
+        if ROUND:
+            s = s.to(q.dtype).to(tl.float32)
     return s * scaling + bias
 
 
@@ -192,15 +195,19 @@ def _cross_self(
     skb, skh, skn, skd,
     smb, smr, smn,
     swb, swr,  # row-flag strides (B, Lq) when ROW_FLAGS
+    ssb, ssh, ssr, stat_off,  # strides of the row statistics and the row they start at
     n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling, n_splits,
     MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROW_FLAGS: tl.constexpr,
+    LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv).
 
     Row weights: ROW_FLAGS False, W_T / W_V are (B, R) float32 t_r/|T| and v_r/|V|; ROW_FLAGS True, they
     are (B, Lq) bool flags (text rows, visual rows; a text row counts where VALID is set too) and INV
-    (B, 2) float32 holds 1/|T|, 1/|V|: the same weights without materialising them."""
+    (B, 2) float32 holds 1/|T|, 1/|V|: the same weights without materialising them.
+    Row statistics: LSE False, M_IN / L_IN are pass 1's m and l; LSE True, M_IN is the attention's own
+    log-sum-exp (B, H, Lq), p = exp(logit - lse), and the logits are not rounded (as flash computes them)."""
     NEG_F: tl.constexpr = -3.4028234663852886e38
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -239,11 +246,14 @@ def _cross_self(
                 q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
                 k_ptrs = K + (h // groups) * skh + cols[None, :] * skn + d[:, None] * skd
                 kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-                x = _logits(q, kt, bias, scaling, IEEE, INTERPRET)  # as in pass 1
-                stat = (b * n_heads + h) * n_rows + rows
+                x = _logits(q, kt, bias, scaling, IEEE, INTERPRET, not LSE)  # as in pass 1
+                stat = b * ssb + h * ssh + (stat_off + rows) * ssr
                 m_r = tl.load(M_IN + stat, mask=row_ok, other=0.0)
-                inv_l = 1.0 / tl.load(L_IN + stat, mask=row_ok, other=1.0)
-                p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]) * inv_l[:, None])  # masked: 0
+                if LSE:
+                    p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]))  # masked: 0
+                else:
+                    inv_l = 1.0 / tl.load(L_IN + stat, mask=row_ok, other=1.0)
+                    p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]) * inv_l[:, None])
             c_acc += tl.sum(p_max * w_t[:, None], 0)  # rows without an allowed key weigh 0 here
             s_acc += tl.sum(p_max * w_v[:, None], 0)
     out = OUT + (b * n_splits + split) * 2 * kv_len + cols
@@ -328,6 +338,7 @@ def fused_cross_self_flags(
     visual_rows: torch.Tensor,  # (B, Lq) bool: alive visual slots (V, from row_start on)
     inverse_counts: torch.Tensor,  # (B, 2) float32: 1 / max(1, |T|), 1 / max(1, |V|) per sample
     *,
+    lse: torch.Tensor | None = None,  # (B, H, Lq) float32: the layer's attention log-sum-exp (causal only)
     splits: int | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
@@ -336,8 +347,14 @@ def fused_cross_self_flags(
     with the counts already known (the pruner keeps them on the host): under a causal mask the kernel
     reads the flags and the inverse counts, so no weights are built (six launches fewer per pruning
     layer, the same bits: ``inverse_counts`` is the same float32 division). Other masks take the
-    general path (its dead-row correction needs the weights)."""
+    general path (its dead-row correction needs the weights).
+
+    ``lse``: the log-sum-exp the layer's own flash attention computed (:mod:`fitprune.lse_attention`);
+    pass 1 is skipped and p = exp(logit - lse) with float32 logits, so the scores differ from the torch
+    path's (which rounds q·kᵀ to the model dtype) by that rounding."""
     if mask is not None:
+        if lse is not None:
+            raise ValueError("lse is taken under a causal mask (mask None) only")
         return fused_cross_self(query, key, mask, scaling, row_start, text[:, row_start:] & valid[:, row_start:],
                                 visual_rows[:, row_start:], splits=splits, block_m=block_m, block_n=block_n)
     _check(query, key, text[:, row_start:], visual_rows[:, row_start:], row_start)  # shapes (views)
@@ -347,8 +364,10 @@ def fused_cross_self_flags(
     if tuple(inverse_counts.shape) != (bsz, 2) or inverse_counts.dtype != torch.float32:
         raise ValueError(f"inverse_counts must be (B, 2) = ({bsz}, 2) float32; got {tuple(inverse_counts.shape)} "
                          f"{inverse_counts.dtype}")
+    if lse is not None and (tuple(lse.shape) != tuple(query.shape[:3]) or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be (B, H, Lq) = {tuple(query.shape[:3])} float32; got {tuple(lse.shape)} {lse.dtype}")
     flags = (_flag_bytes(text), _flag_bytes(valid), _flag_bytes(visual_rows), inverse_counts.contiguous())
-    return _scores(query, key, mask, scaling, row_start, None, flags, splits, block_m, block_n)
+    return _scores(query, key, mask, scaling, row_start, None, flags, splits, block_m, block_n, lse)
 
 
 def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -356,9 +375,10 @@ def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, splits, block_m: int, block_n: int):
-    """Both passes; row weights from ``rows`` (text_rows, visual_rows), or from ``flags`` (text, valid,
-    visual, inverse counts; causal mask only)."""
+def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, splits, block_m: int, block_n: int,
+            lse: torch.Tensor | None = None):
+    """Both passes (pass 2 only, given the attention's ``lse``); row weights from ``rows`` (text_rows,
+    visual_rows), or from ``flags`` (text, valid, visual, inverse counts; causal mask only)."""
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
@@ -374,12 +394,16 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
                 float(scaling))
     strides = (*query.stride(), *key.stride(), *mask_strides)
 
-    # pass 1: softmax statistics m, l of every (b, h, row)
-    row_max = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)  # m
-    row_sum = torch.empty_like(row_max)  # l
     n_rb = triton.cdiv(n_rows, block_m)
-    _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
-                                      num_warps=ROW_STATS_WARPS)
+    if lse is None:  # pass 1: softmax statistics m, l of every (b, h, row)
+        row_max = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)  # m
+        row_sum = torch.empty_like(row_max)  # l
+        _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
+                                          num_warps=ROW_STATS_WARPS)
+        stats = (*row_max.stride(), 0)
+    else:  # the attention's own: rows [row_start, Lq) of its (B, H, Lq) log-sum-exp
+        row_max = row_sum = lse
+        stats = (*lse.stride(), row_start)
 
     uniform = None
     if flags is None:
@@ -407,8 +431,8 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     splits = max(1, min(int(splits), n_rb))
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, *weights, partial, *strides, *flag_strides,
-                                     *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     num_warps=CROSS_SELF_WARPS)
+                                     *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
+                                     LSE=lse is not None, num_warps=CROSS_SELF_WARPS)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
         cs = cs + uniform
