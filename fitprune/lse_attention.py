@@ -3,15 +3,16 @@
 FitPrune's scores need every scored row's softmax statistics. Flash attention computes them (its
 log-sum-exp, LSE) and ``torch.nn.functional.scaled_dot_product_attention`` drops them, so the fused
 scores' first pass (``fitprune.kernels.fused_scores``) recomputed them: a second q·kᵀ over the rows.
-:func:`attend` calls the flash kernel that SDPA itself would pick, through its aten op, and returns
+:func:`attend` calls the fused kernel SDPA itself picks (flash, memory-efficient or cuDNN attention),
+through its aten op with the log-sum-exp requested, and returns
 the layer's output exactly as transformers' ``sdpa_attention_forward`` returns it (the same kernel on
 the same tensors: the same bits) together with the LSE.
 
 It applies only where that equivalence is certain, and returns None everywhere else (the caller then
 runs the stock function): transformers' ``sdpa`` implementation, no mask (plain causal, SDPA's
 ``is_causal``), as many key/value heads as query heads, keys no longer than the queries (no cached
-prefix), no dropout, soft-capping or position bias, and SDPA's own backend choice for these tensors is
-flash attention (``torch._fused_sdp_choice``: a user's ``sdpa_kernel`` context is honoured).
+prefix), no dropout, soft-capping or position bias, and SDPA's own backend choice for these tensors
+(``torch._fused_sdp_choice``: a user's ``sdpa_kernel`` context is honoured) is one of those three.
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from __future__ import annotations
 import torch
 from torch.nn.attention import SDPBackend
 
-__all__ = ["attend", "applies"]
+__all__ = ["attend", "applies", "backend"]
 
-_FLASH = int(SDPBackend.FLASH_ATTENTION)
+_FLASH, _EFFICIENT, _CUDNN = (int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                 SDPBackend.CUDNN_ATTENTION))
+
+
+def backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> int | None:
+    """The fused backend stock SDPA picks for causal attention on these tensors, where it is one whose
+    aten op also returns the log-sum-exp (flash, memory-efficient or cuDNN on CUDA; flash on the CPU);
+    else None."""
+    choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling))
+    usable = (_FLASH, _EFFICIENT, _CUDNN) if query.is_cuda else (_FLASH,)
+    return choice if choice in usable else None
 
 
 def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float,
@@ -40,17 +51,35 @@ def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return False
     if query.device.type not in ("cuda", "cpu") or torch.is_grad_enabled() and query.requires_grad:
         return False
-    return torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling) == _FLASH
+    return backend(query, key, value, scaling) is not None
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
-    """``(output, lse)`` of causal attention on (B, H, L, hd) tensors: ``output`` (B, L, H, hd)
-    contiguous, as ``sdpa_attention_forward`` returns it; ``lse`` (B, H, L) float32, natural log of the
-    row sums of exp(scaling · q·kᵀ). Call only where :func:`applies` said True."""
-    if query.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
-                                                                       scale=scaling)[:2]
-    else:
+    """``(output, lse)`` of causal attention on (B, H, L, hd) tensors by the backend SDPA picks:
+    ``output`` (B, L, H, hd) contiguous, as ``sdpa_attention_forward`` returns it; ``lse`` (B, H, L)
+    float32 (a view), natural log of the row sums of exp(scaling · q·kᵀ). Call only where
+    :func:`applies` said True."""
+    choice = backend(query, key, value, scaling)
+    if not query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
                                                                                scale=scaling)
-    return out.transpose(1, 2).contiguous(), lse
+    elif choice == _FLASH:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False,
+                                                                       scale=scaling)[:2]
+    elif choice == _EFFICIENT:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True, 0.0, True,
+                                                                           scale=scaling)[:2]
+    elif choice == _CUDNN:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True,
+                                                                       False, scale=scaling)[:2]
+    else:
+        raise RuntimeError(f"lse_attention.attend: SDPA picks backend {choice} here, which returns no "
+                           "log-sum-exp; call applies() first")
+    bsz, heads, length = query.shape[:3]
+    while lse.dim() > 3 and lse.shape[-1] == 1:  # cuDNN: (B, H, L, 1)
+        lse = lse.squeeze(-1)
+    lse = lse[..., :length]  # memory-efficient: rows padded to a multiple of 32
+    if tuple(lse.shape) != (bsz, heads, length):
+        raise RuntimeError(f"lse_attention: backend {choice} returned a log-sum-exp of shape {tuple(lse.shape)}, "
+                           f"expected {(bsz, heads, length)}")
+    return out.transpose(1, 2).contiguous(), lse.float()
