@@ -43,7 +43,7 @@ from .prefill_state import DecodeSession, PrefillState, PrefillView, cache_of
 from .profiling import stage
 from .prune_report import PruneReport, report_of
 from .recipe import Recipe, RecipeError
-from .reslice import decode_mask, gather_tables, prefill_mask, stack_tables
+from .reslice import decode_mask, layer_kwargs
 
 __all__ = ["Probe", "Pruner", "PruneReport", "cache_of"]
 
@@ -217,7 +217,8 @@ class Pruner:
                 if state.version == 0:
                     return None
                 with stage("reslice"):
-                    return args, self._reslice_prefill(state, kwargs)
+                    return args, layer_kwargs(kwargs, state.resliced, state.version, state.idx, state.valid,
+                                                state.all_valid)
             session = self.decoding
             if session is not None and (session.layer_version[i] > 0 or i in session.decode_views):
                 with stage("reslice"):
@@ -225,26 +226,6 @@ class Pruner:
             return None
 
         return hook
-
-    def _reslice_prefill(self, state: PrefillState, kwargs: dict) -> dict:
-        kwargs = dict(kwargs)
-        for name in ("attention_mask", "position_embeddings"):
-            value = kwargs.get(name)
-            key = (id(value), state.version)
-            if key not in state.resliced:
-                if name == "attention_mask":
-                    state.resliced[key] = prefill_mask(value, state.idx, state.valid, state.all_valid)
-                elif value is not None:  # RoPE's (cos, sin): stacked once per forward, one gather per version
-                    stacked_key = (id(value), "stacked")
-                    if stacked_key not in state.resliced:
-                        state.resliced[stacked_key] = stack_tables(value)
-                    state.resliced[key] = gather_tables(value, state.resliced[stacked_key], state.idx)
-                else:
-                    state.resliced[key] = None
-            kwargs[name] = state.resliced[key]
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = None  # gapped ids look like packed sequences to FlashAttention
-        return kwargs
 
     def _reslice_decode(self, session: DecodeSession, i: int, args, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
@@ -268,7 +249,7 @@ class Pruner:
         return kwargs
 
     def _attention_observer(self, i: int):
-        def wants_lse(query, mask) -> bool:  # the layer's c and s will come from the fused kernel (attention.py)
+        def wants_lse(query, mask) -> bool:  # c and s will come from the fused kernel, with counts (attention.py)
             state = self.prefill
             return (state is not None and mask is None and query.shape[2] > 1 and any(state.alive_visual)
                     and (self.probe is not None or (self.rule.cross_self and any(state.recipe_drops(i))))

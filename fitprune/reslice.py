@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["decode_mask", "gather_seq", "gather_tables", "mask_fill", "prefill_mask", "stack_tables"]
+__all__ = ["decode_mask", "gather_seq", "gather_tables", "layer_kwargs", "mask_fill", "prefill_mask",
+           "stack_tables"]
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -87,3 +88,31 @@ def decode_mask(mask, idx: torch.Tensor, valid: torch.Tensor, all_valid: bool, i
     index = idx[:, None, None, :].expand(bsz, m.shape[1], m.shape[2], lc)
     old = mask_fill(torch.gather(m[..., :input_len], -1, index), valid[:, None, None, :])
     return torch.cat([old, m[..., input_len:]], dim=-1)
+
+
+def layer_kwargs(kwargs: dict, cache: dict, version: int, idx: torch.Tensor, valid: torch.Tensor,
+                   all_valid: bool) -> dict:
+    """A later layer's prefill kwargs re-sliced to the alive slots: its attention mask and RoPE tables.
+
+    ``cache`` (the prefill's ``resliced`` dict) keeps each re-sliced value per (input, version), so the
+    layers of one version share it, and RoPE's (cos, sin) stacked once per forward (one gather per
+    version, :func:`gather_tables`). Position ids are dropped: the gapped ids of the survivors look like
+    packed sequences to FlashAttention, and the re-sliced tables already hold their positions."""
+    kwargs = dict(kwargs)
+    for name in ("attention_mask", "position_embeddings"):
+        value = kwargs.get(name)
+        key = (id(value), version)
+        if key not in cache:
+            if name == "attention_mask":
+                cache[key] = prefill_mask(value, idx, valid, all_valid)
+            elif value is None:
+                cache[key] = None
+            else:
+                stacked_key = (id(value), "stacked")
+                if stacked_key not in cache:
+                    cache[stacked_key] = stack_tables(value)
+                cache[key] = gather_tables(value, cache[stacked_key], idx)
+        kwargs[name] = cache[key]
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = None
+    return kwargs

@@ -32,7 +32,7 @@ def fake_kernel(monkeypatch):
         probs = scoring.head_max_probs(query, key, mask, scaling, row_start=row_start)
         return scoring.cross_self(probs, text_rows, visual_rows)
 
-    def flags_kernel(query, key, mask, scaling, row_start, text, valid, visual, inverse_counts):
+    def flags_kernel(query, key, mask, scaling, row_start, text, valid, visual, inverse_counts, lse=None):
         # the flags entry point must get the counts its rows have
         text_rows, visual_rows = text[:, row_start:] & valid[:, row_start:], visual[:, row_start:]
         counts = torch.stack([text_rows.sum(1), visual_rows.sum(1)], 1).float().clamp(min=1)

@@ -7,7 +7,8 @@ import itertools
 
 import torch
 
-from fitprune.reslice import decode_mask, gather_seq, gather_tables, mask_fill, prefill_mask, stack_tables
+from fitprune.reslice import (decode_mask, gather_seq, gather_tables, layer_kwargs, mask_fill, prefill_mask,
+                              stack_tables)
 
 NEG = torch.finfo(torch.float32).min
 
@@ -64,6 +65,26 @@ def test_rope_tables_gathered_once_equal_one_gather_each():
     for pair in ((cos, sin.double()), (cos, sin[..., :4])):
         assert stack_tables(pair) is None
         assert all(torch.equal(g, gather_seq(t, idx)) for g, t in zip(gather_tables(pair, None, idx), pair))
+
+
+def test_layer_kwargs_reslice_once_per_version_and_drop_position_ids():
+    idx, valid = _compressed()
+    cos, sin = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    mask = _causal_bool(2, 6)
+    kwargs = {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": torch.arange(6)[None],
+              "hidden_states": "unchanged"}
+    cache: dict = {}
+    first = layer_kwargs(kwargs, cache, 1, idx, valid, False)
+    assert first["position_ids"] is None and first["hidden_states"] == "unchanged"
+    assert kwargs["position_ids"] is not None  # the caller's kwargs are not changed
+    assert torch.equal(first["attention_mask"], prefill_mask(mask, idx, valid, False))
+    assert all(torch.equal(g, gather_seq(t, idx)) for g, t in zip(first["position_embeddings"], (cos, sin)))
+    again = layer_kwargs(kwargs, cache, 1, idx, valid, False)  # a later layer of the same version shares them
+    assert again["attention_mask"] is first["attention_mask"]
+    assert again["position_embeddings"] is first["position_embeddings"]
+    stacked = cache[(id(kwargs["position_embeddings"]), "stacked")]
+    layer_kwargs(kwargs, cache, 2, idx[:, 1:], valid[:, 1:], True)  # the next version reuses the stacked tables
+    assert cache[(id(kwargs["position_embeddings"]), "stacked")] is stacked
 
 
 def test_mask_fill_keeps_the_mask_type():
