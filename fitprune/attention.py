@@ -5,8 +5,9 @@ For every stock implementation (``sdpa``, ``eager``, ``flash_attention_2``/``_3`
 (only when the pruner asks for that layer), then calls the stock function for the real output, so
 the model never falls back to global eager attention. A callback with a ``wants_lse(query, mask)``
 attribute that says True gets the attention's log-sum-exp too (``lse=``): under ``sdpa``, where
-:mod:`fitprune.lse_attention` applies, the twin runs SDPA's flash kernel itself and hands the LSE over. The mask function must be registered too:
-registering only the attention function silently drops the padding mask (DESIGN.md §3).
+:mod:`fitprune.lse_attention` applies, the twin runs the kernel SDPA picks (flash, memory-efficient or
+cuDNN) itself and hands the LSE over. The mask function must be registered too: registering only the
+attention function silently drops the padding mask (DESIGN.md §3).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from fitprune.device_constants import DeviceConstants
 from fitprune.kernels import fused_scores
 
 MASKS = ("none", "pad2d", "bool4d", "float4d")
+LSE_RECIPE = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
 
 
 @pytest.mark.slow
@@ -185,17 +186,23 @@ def test_interpreted_pruner_takes_the_attention_lse(interpreter, monkeypatch):
     """An MHA model, one sample (plain causal): both pruning layers get the LSE from their attention;
     the output is the stock attention's, so the logits are bit for bit those with the LSE turned off."""
     model, make_inputs = tiny_llava(num_kv_heads=4)
-    batch = make_inputs([(5, IMAGES["llava"][0], 7)])
-    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
     monkeypatch.setattr(fused_scores, "supported", lambda where: True)
+    with_lse, without = _with_and_without_lse(model, make_inputs([(5, IMAGES["llava"][0], 7)]), monkeypatch)
+    assert any(any(layer) for sample in with_lse for layer in sample)
+
+
+def _with_and_without_lse(model, batch, monkeypatch):
+    """The drops with the attention's LSE (both pruning layers must take it) and with it turned off;
+    the logits must be bit for bit the same (the pruning layers' outputs are stock SDPA's)."""
     calls, original = [], lse_attention.attend
     monkeypatch.setattr(lse_attention, "attend", lambda *a: calls.append(1) or original(*a))
-    with_lse, with_lse_logits = _dropped(model, batch, recipe)
+    with_lse, with_lse_logits = _dropped(model, batch, LSE_RECIPE)
     assert len(calls) == 2
     monkeypatch.setattr(lse_attention, "applies", lambda *a, **k: False)
-    without, without_logits = _dropped(model, batch, recipe)
-    assert len(calls) == 2 and with_lse == without and any(any(layer) for sample in with_lse for layer in sample)
+    without, without_logits = _dropped(model, batch, LSE_RECIPE)
+    assert len(calls) == 2 and with_lse == without
     assert torch.equal(with_lse_logits, without_logits)
+    return with_lse, without
 
 
 @needs_triton
@@ -298,24 +305,17 @@ def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
 @pytest.mark.gpu
 @needs_triton
 def test_cuda_pruner_with_attention_lse_keeps_stock_outputs(monkeypatch):
-    """bf16 MHA on the GPU (flash attention): the pruning layers' outputs are stock SDPA's, so with the
-    same drops the logits are bit for bit those without the LSE; the drops agree with the torch path."""
+    """bf16 MHA on the GPU (SDPA's own backend: cuDNN on the H200): the pruning layers' outputs are
+    stock SDPA's, so with the same drops the logits are bit for bit those without the LSE; the drops
+    agree with the torch path."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, make_inputs = tiny_llava(num_kv_heads=4)
     model = model.to("cuda", torch.bfloat16)
     batch = {k: v.cuda() for k, v in make_inputs([(5, IMAGES["llava"][0], 7)] * 3).items()}
     batch["pixel_values"] = batch["pixel_values"].bfloat16()
-    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
-    calls, original = [], lse_attention.attend
-    monkeypatch.setattr(lse_attention, "attend", lambda *a: calls.append(1) or original(*a))
-    with_lse, with_lse_logits = _dropped(model, batch, recipe)
-    assert len(calls) == 2
-    monkeypatch.setattr(lse_attention, "applies", lambda *a, **k: False)
-    without, without_logits = _dropped(model, batch, recipe)
-    assert with_lse == without
-    assert torch.equal(with_lse_logits, without_logits)
+    with_lse, _ = _with_and_without_lse(model, batch, monkeypatch)
     monkeypatch.setenv(fused_scores.ENV_VAR, "0")
-    torch_path, _ = _dropped(model, batch, recipe)
+    torch_path, _ = _dropped(model, batch, LSE_RECIPE)
     assert torch_path == with_lse
 
 

@@ -3,6 +3,7 @@ bit for bit, and it declines every call where it could not promise that."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import IMAGES, tiny_llava
@@ -84,3 +85,48 @@ def test_cuda_output_is_stock_sdpa_and_lse_is_the_row_logsumexp():
     for shape in ({}, {"bsz": 8, "heads": 32, "length": 651, "hd": 128}):
         _check_equals_stock("cuda", torch.bfloat16, **shape)
         _check_equals_stock("cuda", torch.float16, **shape)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_static_cache_and_statistics_with_the_lse(monkeypatch):
+    """The LSE route under the engine's other paths, on a bf16 MHA model: a CUDA-graph replay of the
+    pruned prefill drops what eager drops; generate into a static cache (compiled decode) gives the
+    dynamic cache's tokens; statistics collection (every layer scored, a probe) takes the LSE and
+    agrees with the run without it."""
+    pytest.importorskip("triton")
+    from fitprune.stats import collect_stats
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model, make_inputs = tiny_llava(num_kv_heads=4)
+    model = model.to("cuda", torch.bfloat16)
+    a = IMAGES["llava"][0]
+    batch = {k: v.cuda() for k, v in make_inputs([(4, a, 5, 0), (4, a, 5, 1)]).items()}
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), family="llava")
+    calls, original = [], lse_attention.attend
+    monkeypatch.setattr(lse_attention, "attend", lambda *args: calls.append(1) or original(*args))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with fitprune.apply(model, recipe) as m:
+            eager = m(**batch).logits
+            eager_dropped = fitprune.last_report(m).dropped
+            dynamic = m.generate(**batch, **kw)
+            static = m.generate(**batch, **kw, cache_implementation="static")
+        assert len(calls) >= 6  # every pruned prefill scored with the LSE (2 pruning layers each)
+        assert torch.equal(static, dynamic)
+        with fitprune.apply(model, recipe) as m, fitprune.graph_prefill(m):
+            for _ in range(2):  # capture, then replay
+                graphed = m(**batch).logits
+                assert fitprune.last_report(m).dropped == eager_dropped
+            assert fitprune.prefill_graphs(m).replays >= 1
+        torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=2e-2)
+    n = len(calls)
+    with_lse = collect_stats(model, [batch])
+    assert len(calls) == n + 4  # all 4 layers scored
+    monkeypatch.setattr(lse_attention, "applies", lambda *args, **kwargs: False)
+    without = collect_stats(model, [batch])
+    assert len(calls) == n + 4
+    for name in ("cross", "self_"):
+        got, want = getattr(with_lse, name), getattr(without, name)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), rtol=3e-2, atol=1e-3)
