@@ -52,9 +52,11 @@ def _make(base: str) -> Callable:
         if callback is not None:
             scaling = kwargs.get("scaling", module.scaling)
             wants_lse = getattr(callback, "wants_lse", None)
-            if (base == "sdpa" and wants_lse is not None and wants_lse(query, attention_mask)
-                    and lse_attention.applies(module, query, key, value, attention_mask, scaling, kwargs)):
-                output, lse = lse_attention.attend(query, key, value, scaling)  # stock SDPA's kernel and bits
+            choice = None
+            if base == "sdpa" and wants_lse is not None and wants_lse(query, attention_mask):
+                choice = lse_attention.applies(module, query, key, value, attention_mask, scaling, kwargs)
+            if choice:
+                output, lse = lse_attention.attend(query, key, value, scaling, choice)  # stock SDPA's kernel and bits
                 callback(module, query, key, attention_mask, scaling, lse=lse)
                 return output, None
             callback(module, query, key, attention_mask, scaling)

@@ -36,30 +36,31 @@ def backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling
 
 
 def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float,
-            kwargs: dict) -> bool:
-    """True when :func:`attend` reproduces stock SDPA attention for this call (module doc)."""
+            kwargs: dict) -> int | None:
+    """SDPA's backend for this call (a nonzero :class:`SDPBackend` value) when :func:`attend` reproduces
+    stock SDPA attention for it (module doc), else None; pass it on to :func:`attend`."""
     if mask is not None or kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None:
-        return False
+        return None
     if kwargs.get("position_bias") is not None or kwargs.get("is_causal") is False:
-        return False
+        return None
     if not getattr(module, "is_causal", True) or getattr(module, "num_key_value_groups", 1) != 1:
-        return False
+        return None
     q_len = query.shape[2]
     if q_len < 2 or key.shape[2] != q_len or key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]:
-        return False
+        return None
     if query.shape[-1] % 8 or value.shape[-1] != query.shape[-1]:  # SDPA would pad the head dim first
-        return False
+        return None
     if query.device.type not in ("cuda", "cpu") or torch.is_grad_enabled() and query.requires_grad:
-        return False
-    return backend(query, key, value, scaling) is not None
+        return None
+    return backend(query, key, value, scaling)
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, choice: int | None = None):
     """``(output, lse)`` of causal attention on (B, H, L, hd) tensors by the backend SDPA picks:
     ``output`` (B, L, H, hd) contiguous, as ``sdpa_attention_forward`` returns it; ``lse`` (B, H, L)
     float32 (a view), natural log of the row sums of exp(scaling · q·kᵀ). Call only where
-    :func:`applies` said True."""
-    choice = backend(query, key, value, scaling)
+    :func:`applies` gave a backend; ``choice``: that backend (None: asked of SDPA again)."""
+    choice = backend(query, key, value, scaling) if choice is None else choice
     if not query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
                                                                                scale=scaling)
