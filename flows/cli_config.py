@@ -76,7 +76,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     fields = SweepConfig.model_fields
     parser.add_argument("--model", default=argparse.SUPPRESS, help=fields["model"].description)
     parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=list(typing.get_args(DemoModel.model_fields[
-        "dtype"].annotation)), help=f"weights of the demo model or a checkpoint (default {DemoModel().dtype})")
+        "dtype"].annotation)), help="weights of the demo model or a checkpoint: " + DemoModel.model_fields["dtype"].description)
     for name, option in option_fields().items():
         parser.add_argument(option, **_argument(name, fields[name]))
 

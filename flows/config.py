@@ -19,13 +19,14 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.models import DEFAULT_DTYPE, DEVICE_PATTERN
+from tasks.models import DEVICE_PATTERN, default_dtype
 from tasks.recipes import DEFAULT_METHODS, METHODS, SEARCH_SIZES
 
 __all__ = ["DEFAULT_BENCHMARKS", "DemoModel", "ModelSpec", "PathModel", "SweepConfig", "ToyModel", "DEVICE_DEFAULTS"]
 
 DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
-Dtype = Literal["bfloat16", "float32"]
+Dtype = Literal["auto", "bfloat16", "float32"]
+DTYPE_HELP = "weight dtype (auto: bfloat16 on CUDA and on a CPU with native bf16, else float32)"
 # the counts a config leaves at None, per device kind
 DEVICE_DEFAULTS = {"cpu": {"calib_samples": 16, "eval_samples": 40, "batch_size": 8},
                    "cuda": {"calib_samples": 64, "eval_samples": 500, "batch_size": 32}}
@@ -40,7 +41,7 @@ class DemoModel(_Strict):
     under ``<data root>/models``."""
 
     kind: Literal["demo"] = "demo"
-    dtype: Dtype = Field(DEFAULT_DTYPE, description="weight dtype")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
 
 
 class ToyModel(_Strict):
@@ -56,7 +57,7 @@ class PathModel(_Strict):
 
     kind: Literal["path"] = "path"
     path: str = Field(description="checkpoint directory")
-    dtype: Dtype = Field(DEFAULT_DTYPE, description="weight dtype")
+    dtype: Dtype = Field("auto", description=DTYPE_HELP)
 
     @field_validator("path")
     @classmethod
@@ -170,7 +171,8 @@ class SweepConfig(_Strict):
     def resolved(self) -> "SweepConfig":
         """This config with every default that depends on something filled in: the counts by device
         (``DEVICE_DEFAULTS``), the model (toy for toy inputs, else demo; a toy model's seed is the
-        sweep's), the benchmarks (easy-VQA test + synthetic test for question sources, else the source)."""
+        sweep's; dtype auto as ``tasks.models.default_dtype`` picks it for the device), the benchmarks
+        (easy-VQA test + synthetic test for question sources, else the source)."""
         from tasks import sources
 
         counts = DEVICE_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
@@ -180,6 +182,8 @@ class SweepConfig(_Strict):
             model = ToyModel() if sources.parse(self.source).kind == "toy" else DemoModel()
         if isinstance(model, ToyModel) and model.seed is None:
             model = ToyModel(seed=self.seed)
+        if getattr(model, "dtype", None) == "auto":
+            model = model.model_copy(update={"dtype": default_dtype(self.device)})
         update["model"] = model
         if self.benchmarks is None:
             update["benchmarks"] = DEFAULT_BENCHMARKS if sources.is_question_source(self.source) else (self.source,)

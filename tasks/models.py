@@ -7,7 +7,8 @@ A spec is a JSON-able dict, so it can cross Prefect task boundaries where a mode
     {"kind": "path", "path": "/ckpt/llava"} a local Hugging Face checkpoint directory
 
 optionally with ``"device"`` (default ``"cpu"``) and, for demo and path, ``"dtype"``
-(``DEFAULT_DTYPE``, ``"bfloat16"``, or ``"float32"``; ``flows.config`` has the same default). The demo model is built once into
+(``"auto"``, the default, ``"bfloat16"`` or ``"float32"``; ``default_dtype`` says what auto picks on a device).
+The demo model is built once into
 ``<data root>/models`` (``fitprune.demo.build_demo_model``; the ``root`` argument of ``load_model``,
 ``encoder_for`` and ``model_info``, else ``$FITPRUNE_DATA``, else ``~/.cache/fitprune``) and loaded
 from there afterwards.
@@ -28,12 +29,13 @@ from fitprune.adapters import get_adapter
 from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
-__all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "describe_model", "encoder_for", "load_model",
+__all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "cpu_has_bf16",
+           "default_dtype", "describe_model", "encoder_for", "load_model",
            "model_and_processor", "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
 DTYPES = ("float32", "bfloat16")
-DEFAULT_DTYPE = "bfloat16"
+DEFAULT_DTYPE = "bfloat16"  # on hardware with native bf16 (``default_dtype``), and what export-checkpoint writes
 _KEYS = {"demo": {"dtype"}, "toy": {"seed"}, "path": {"path", "dtype"}}
 _MODELS: dict[str, tuple] = {}
 LOCK = threading.RLock()  # tasks may run in threads of one process: build each model once, hook one at a time
@@ -41,6 +43,21 @@ LOCK = threading.RLock()  # tasks may run in threads of one process: build each 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively, by oneDNN's own check (AVX-512 or AMX on x86,
+    the BF16 extension on Arm). Without it bf16 is emulated: 4-5x slower than float32 on an AVX2 CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def default_dtype(device: str) -> str:
+    """The dtype ``"auto"`` stands for: bfloat16 on CUDA and on a CPU with native bf16, float32 on other CPUs.
+    The CPU checked is this process's: with ``--cluster`` CPU workers on other hosts, pass --dtype."""
+    return DEFAULT_DTYPE if device.startswith("cuda") or cpu_has_bf16() else "float32"
 
 
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")
@@ -89,10 +106,10 @@ def normalize_spec(spec) -> dict:
                              "pass {'kind': 'path', 'path': '/dir/with/config.json'}")
         out["path"] = str(Path(path).resolve())
     if kind in ("demo", "path"):
-        dtype = spec.get("dtype") or DEFAULT_DTYPE
-        if dtype not in DTYPES:
-            raise ValueError(f"model spec dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        out["dtype"] = dtype
+        dtype = spec.get("dtype") or "auto"
+        if dtype not in DTYPES + ("auto",):
+            raise ValueError(f"model spec dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
+        out["dtype"] = default_dtype(out["device"]) if dtype == "auto" else dtype
     check_device(out["device"])
     return out
 

@@ -12,6 +12,7 @@ import yaml
 from flows.cli import build_parser
 from flows.cli_config import config_from_args, option_fields
 from flows.config import DEVICE_DEFAULTS, DemoModel, PathModel, SweepConfig, ToyModel
+from tasks.models import default_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,9 +56,29 @@ def test_no_options_give_the_flows_default_config():
     flow_default = sweep.parameters.properties["config"]["default"]  # what the UI and a bare deployment run use
     assert from_cli == SweepConfig() == SweepConfig(**flow_default)
     resolved = from_cli.resolved()
-    assert resolved.model == DemoModel(dtype="bfloat16") and resolved.max_new_tokens == 6
+    assert from_cli.model is None and DemoModel().dtype == "auto"
+    assert resolved.model == DemoModel(dtype=default_dtype("cpu")) and resolved.max_new_tokens == 6
     assert (resolved.calib_samples, resolved.eval_samples, resolved.batch_size) == (16, 40, 8)
     assert resolved.convention == "full" and resolved.benchmarks == ("easy-vqa:test", "synthetic:test")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_follows_the_cpus_bf16_support(monkeypatch, native):
+    """auto is bf16 on CUDA and on a CPU with native bf16, float32 on an emulating CPU; explicit dtypes stay."""
+    from tasks import models
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: native)
+    cpu = "bfloat16" if native else "float32"
+    assert SweepConfig().resolved().model == DemoModel(dtype=cpu)
+    assert SweepConfig(device="cuda").resolved().model == DemoModel(dtype="bfloat16")
+    assert SweepConfig(model={"kind": "demo", "dtype": "bfloat16"}).resolved().model.dtype == "bfloat16"
+    assert SweepConfig(model={"kind": "demo", "dtype": "float32"}, device="cuda").resolved().model.dtype == "float32"
+    assert SweepConfig().spec() == {"kind": "demo", "dtype": cpu, "device": "cpu"}
+    assert models.normalize_spec({"kind": "demo"})["dtype"] == cpu
+    assert models.normalize_spec({"kind": "demo", "dtype": "auto"})["dtype"] == cpu
+    assert models.normalize_spec({"kind": "demo", "dtype": "bfloat16"})["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="'half': use auto or one of float32, bfloat16"):
+        models.normalize_spec({"kind": "demo", "dtype": "half"})
 
 
 def test_each_option_reaches_its_field(tmp_path):
