@@ -3,12 +3,14 @@
 Computes what ``scoring.cross_self(scoring.head_max_probs(...), text_rows, visual_rows)`` computes
 (B = batch, H = query heads, Hkv = key heads, R = scored query rows [row_start, Lq), Lkv = keys):
 
-1. ``_row_stats``: per (b, h, row) the running max m and sum l of exp(logit - m) over the row's
-   allowed keys (flash-attention style, no values). Grid (R / BLOCK_M, B·H).
-2. ``_cross_self``: per (b, column block, split of the row blocks): loop over heads,
-   p = exp(logit - m) / l, running max over heads; then c += Σ_rows p·t_r/|T|, s += Σ_rows p·v_r/|V|.
-   Each split writes its own partial (no atomics, deterministic); the splits are summed in torch.
-   Grid (Lkv / BLOCK_N, splits, B).
+1. ``_row_stats``: per (b, h, row) the log-sum-exp m + log l of the row's allowed logits (running max m
+   and sum l of exp(logit - m), flash-attention style, no values). Grid (R / BLOCK_M, B·H).
+2. ``_cross_self``: per (b, column block, split of the row blocks): loop over heads, keeping the running
+   max of logit - lse; one exp after the loop gives the head-max probability (exp is monotonic, so
+   max_h exp(a_h) = exp(max_h a_h): one exp per tile entry instead of one per head, the kernel's
+   bottleneck); then c += Σ_rows p·t_r/|T|, s += Σ_rows p·v_r/|V|. The mask's bias, the same for every
+   head, is added once, after the max. Each split writes its own partial (no atomics, deterministic);
+   the splits are summed in torch. Grid (Lkv / BLOCK_N, splits, B).
 
 Logits are recomputed in pass 2 (2 × the q·kᵀ FLOPs of one head-chunk pass) and never stored: memory is
 O(B·H·R) instead of the (B, h, R, Lkv) float32 chunk of the torch path.
@@ -117,10 +119,10 @@ def _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off
 
 
 @_jit
-def _logits(q, kt, bias, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROUND: tl.constexpr = True):
-    """(BM, BN) float32 logits of q (BM, BD) and kᵀ (BD, BN): q·kᵀ rounded to the input dtype (the torch
-    path multiplies in the model dtype; ROUND False: kept in float32, as flash attention does, whose
-    log-sum-exp the LSE mode reads), then * scaling + bias in float32."""
+def _logits(q, kt, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROUND: tl.constexpr = True):
+    """(BM, BN) float32 logits of q (BM, BD) and kᵀ (BD, BN) before the mask: q·kᵀ rounded to the input
+    dtype (the torch path multiplies in the model dtype; ROUND False: kept in float32, as flash attention
+    does, whose log-sum-exp the LSE mode reads), then * scaling in float32."""
     if INTERPRET:  # Triton 3.6's interpreter: bf16 dots are wrong and float32 → bf16 truncates
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
         if ROUND:
@@ -136,12 +138,12 @@ def _logits(q, kt, bias, scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr, R
             s = tl.dot(q, kt)
         if ROUND:
             s = s.to(q.dtype).to(tl.float32)
-    return s * scaling + bias
+    return s * scaling
 
 
 @_jit
 def _row_stats(
-    Q, K, MASK, M_OUT, L_OUT,
+    Q, K, MASK, LSE_OUT,
     sqb, sqh, sqr, sqd,  # query strides (B, H, Lq, hd)
     skb, skh, skn, skd,  # key strides (B, Hkv, Lkv, hd)
     smb, smr, smn,  # mask strides (b, row of [row_start, Lq), key); smr = 0 for a 2D mask
@@ -149,7 +151,8 @@ def _row_stats(
     MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Pass 1: m, l (each (B, H, R) float32) of the rows of one (row block, b, h)."""
+    """Pass 1: the log-sum-exp ((B, H, R) float32) of the rows of one (row block, b, h); float32's min for a
+    row no tile of which has an allowed key."""
     NEG_F: tl.constexpr = -3.4028234663852886e38
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -179,18 +182,17 @@ def _row_stats(
         if tl.max(bias) > NEG_F:  # some key of the tile is allowed
             k_ptrs = K + kvh * skh + cols[None, :] * skn + d[:, None] * skd
             kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            x = _logits(q, kt, bias, scaling, IEEE, INTERPRET)  # (BM, BN), masked: NEG_F
+            x = _logits(q, kt, scaling, IEEE, INTERPRET) + bias  # (BM, BN), masked: NEG_F
             m_new = tl.maximum(m_i, tl.max(x, 1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
             m_i = m_new
     out = (b * n_heads + h) * n_rows + rows
-    tl.store(M_OUT + out, m_i, mask=row_ok)
-    tl.store(L_OUT + out, l_i, mask=row_ok)
+    tl.store(LSE_OUT + out, tl.where(l_i > 0, m_i + tl.log(l_i), NEG_F), mask=row_ok)
 
 
 @_jit
 def _cross_self(
-    Q, K, MASK, M_IN, L_IN, W_T, W_V, VALID, INV, OUT,
+    Q, K, MASK, LSE_IN, W_T, W_V, VALID, INV, OUT,
     sqb, sqh, sqr, sqd,
     skb, skh, skn, skd,
     smb, smr, smn,
@@ -198,7 +200,7 @@ def _cross_self(
     ssb, ssh, ssr, stat_off,  # strides of the row statistics and the row they start at
     n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling, n_splits,
     MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROW_FLAGS: tl.constexpr,
-    LSE: tl.constexpr,
+    ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv).
@@ -206,8 +208,8 @@ def _cross_self(
     Row weights: ROW_FLAGS False, W_T / W_V are (B, R) float32 t_r/|T| and v_r/|V|; ROW_FLAGS True, they
     are (B, Lq) bool flags (text rows, visual rows; a text row counts where VALID is set too) and INV
     (B, 2) float32 holds 1/|T|, 1/|V|: the same weights without materialising them.
-    Row statistics: LSE False, M_IN / L_IN are pass 1's m and l; LSE True, M_IN is the attention's own
-    log-sum-exp (B, H, Lq), p = exp(logit - lse), and the logits are not rounded (as flash computes them)."""
+    Row statistics: LSE_IN is pass 1's log-sum-exp (ROUND True: logits rounded as pass 1 rounds them) or
+    the attention's own (B, H, Lq) (ROUND False: float32 logits, as flash computes them); p = exp(logit - lse)."""
     NEG_F: tl.constexpr = -3.4028234663852886e38
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -240,20 +242,17 @@ def _cross_self(
             w_v = tl.load(W_V + b * n_rows + rows, mask=row_ok, other=0.0)
         bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
         if (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0):  # something allowed, some row scored
-            p_max = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # max over heads of the probabilities
+            a_max = tl.full([BLOCK_M, BLOCK_N], NEG_F, tl.float32)  # max over heads of logit - lse
             for h in range(n_heads):
                 q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
                 q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
                 k_ptrs = K + (h // groups) * skh + cols[None, :] * skn + d[:, None] * skd
                 kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-                x = _logits(q, kt, bias, scaling, IEEE, INTERPRET, not LSE)  # as in pass 1
                 stat = b * ssb + h * ssh + (stat_off + rows) * ssr
-                m_r = tl.load(M_IN + stat, mask=row_ok, other=0.0)
-                if LSE:
-                    p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]))  # masked: 0
-                else:
-                    inv_l = 1.0 / tl.load(L_IN + stat, mask=row_ok, other=1.0)
-                    p_max = tl.maximum(p_max, tl.exp(x - m_r[:, None]) * inv_l[:, None])
+                lse_r = tl.load(LSE_IN + stat, mask=row_ok, other=0.0)
+                a_max = tl.maximum(a_max, _logits(q, kt, scaling, IEEE, INTERPRET, ROUND) - lse_r[:, None])
+            # masked: + float32 min gives exp 0; a dead row (lse float32 min) gets a finite p and weight 0
+            p_max = tl.exp(a_max + bias)
             c_acc += tl.sum(p_max * w_t[:, None], 0)  # rows without an allowed key weigh 0 here
             s_acc += tl.sum(p_max * w_v[:, None], 0)
     out = OUT + (b * n_splits + split) * 2 * kv_len + cols
@@ -395,14 +394,13 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     strides = (*query.stride(), *key.stride(), *mask_strides)
 
     n_rb = triton.cdiv(n_rows, block_m)
-    if lse is None:  # pass 1: softmax statistics m, l of every (b, h, row)
-        row_max = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)  # m
-        row_sum = torch.empty_like(row_max)  # l
-        _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_max, row_sum, *strides, *geometry, **common,
+    if lse is None:  # pass 1: the softmax log-sum-exp of every (b, h, row)
+        row_lse = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)
+        _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_lse, *strides, *geometry, **common,
                                           num_warps=ROW_STATS_WARPS)
-        stats = (*row_max.stride(), 0)
+        stats = (*row_lse.stride(), 0)
     else:  # the attention's own: rows [row_start, Lq) of its (B, H, Lq) log-sum-exp
-        row_max = row_sum = lse
+        row_lse = lse
         stats = (*lse.stride(), row_start)
 
     uniform = None
@@ -412,10 +410,10 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
         w = w / w.sum(2, keepdim=True).clamp(min=1)
         if mode != CAUSAL:  # causal: every row allows key 0, so no row is dead (fewer kernels at batch 1)
             # a row with no allowed key has the torch path's uniform softmax, 1/Lkv on every key
-            dead = (row_max == NEG).all(1)  # (B, R)
+            dead = (row_lse == NEG).all(1)  # (B, R)
             uniform = (w * dead).sum(2).T[..., None] / kv_len  # (B, 2, 1)
             w = w.masked_fill(dead, 0.0)
-        weights, flag_strides = (w[0], w[1], row_max, row_max), (0, 0)  # VALID, INV never read
+        weights, flag_strides = (w[0], w[1], row_lse, row_lse), (0, 0)  # VALID, INV never read
     else:
         text, valid, visual, inv = flags
         if text.stride() != valid.stride() or text.stride() != visual.stride():
@@ -430,9 +428,9 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
         splits = triton.cdiv(programs, bsz * n_cb)
     splits = max(1, min(int(splits), n_rb))
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
-    _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_max, row_sum, *weights, partial, *strides, *flag_strides,
+    _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_lse, *weights, partial, *strides, *flag_strides,
                                      *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     LSE=lse is not None, num_warps=CROSS_SELF_WARPS)
+                                     ROUND=lse is None, num_warps=CROSS_SELF_WARPS)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
         cs = cs + uniform

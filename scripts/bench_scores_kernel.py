@@ -1,0 +1,151 @@
+"""Time FitPrune's fused scoring kernel against the attention of the same layer, in one run.
+
+For each 7B geometry (batch 8, the layer's full visual set: the first pruning layer's case, the most
+expensive one), on random bf16 queries and keys:
+
+* ``attention``: stock SDPA (``is_causal``) of the layer, the baseline every ratio is taken against;
+* ``scores``: ``fused_scores.fused_cross_self_flags`` as the pruner calls it: both passes (pass 1 computes
+  the row log-sum-exp), and, on MHA geometries, pass 2 alone on the attention's own log-sum-exp
+  (``lse_attention``), as the pruner runs it under SDPA;
+* with ``--baseline MODULE`` (a file holding another version of ``fitprune/kernels/fused_scores.py``,
+  e.g. ``git show HEAD~1:fitprune/kernels/fused_scores.py > /tmp/old.py``), the same calls on that
+  version, and the largest relative difference of its scores from this version's.
+
+Prints one table, writes JSON rows (``--out``) as each geometry finishes. CUDA only::
+
+    python scripts/bench_scores_kernel.py --out benchmarks/scores-kernel.json [--baseline /tmp/old.py]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fitprune import lse_attention  # noqa: E402
+from fitprune.kernels import fused_scores  # noqa: E402
+
+# (name, query heads, key heads, head dim, tokens before the image, visual tokens, text tokens after it)
+GEOMETRIES = {
+    "llava-1.5-7b": (32, 32, 128, 35, 576, 40),
+    "llava-next-7b": (32, 32, 128, 35, 2928, 40),
+    "qwen2-vl-7b": (28, 4, 128, 36, 968, 41),
+}
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location("fitprune.kernels._baseline_scores", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # its relative import resolves inside fitprune.kernels
+    return module
+
+
+def _time(fn, repeats: int) -> float:
+    """Median ms of ``repeats`` calls, CUDA events around each, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _case(heads: int, kv_heads: int, hd: int, before: int, n_vis: int, after: int, bsz: int):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    length = before + n_vis + after
+    q = torch.randn(bsz, heads, length, hd, device="cuda", generator=gen, dtype=torch.bfloat16) * 1.5
+    k = torch.randn(bsz, kv_heads, length, hd, device="cuda", generator=gen, dtype=torch.bfloat16) * 1.5
+    v = torch.randn_like(k)
+    visual = torch.zeros(bsz, length, dtype=torch.bool, device="cuda")
+    visual[:, before:before + n_vis] = True
+    text = ~visual
+    valid = torch.ones_like(text)
+    inverse = torch.tensor([[1 / (before + after), 1 / n_vis]] * bsz, device="cuda")
+    return q, k, v, text, valid, visual, inverse
+
+
+def bench(name: str, bsz: int, repeats: int, baseline) -> list[dict]:
+    heads, kv_heads, hd, before, n_vis, after = GEOMETRIES[name]
+    q, k, v, text, valid, visual, inverse = _case(heads, kv_heads, hd, before, n_vis, after, bsz)
+    scaling = hd ** -0.5
+    row_start = 0
+    rows = []
+
+    def add(metric, value, unit, **extra):
+        rows.append({"geometry": name, "batch": bsz, "metric": metric, "value": value, "unit": unit, **extra})
+
+    gqa = heads != kv_heads
+    attention_ms = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                                enable_gqa=gqa), repeats)
+    add("attention_ms", attention_ms, "ms")
+    lse = None
+    if not gqa:
+        choice = lse_attention.backend(q, k, v, scaling)
+        lse = lse_attention.attend(q, k, v, scaling, choice)[1]
+    versions = {"this": fused_scores} | ({"baseline": baseline} if baseline is not None else {})
+    outputs = {}
+    for label, module in versions.items():
+        for mode, given in (("two passes", None), ("attention LSE", lse)):
+            if mode == "attention LSE" and lse is None:
+                continue
+
+            def call(module=module, given=given):
+                return module.fused_cross_self_flags(q, k, None, scaling, row_start, text, valid, visual, inverse,
+                                                     lse=given)
+
+            ms = _time(call, repeats)
+            outputs[label, mode] = call()
+            add("scores_ms", ms, "ms", version=label, mode=mode)
+            add("scores_over_attention", ms / attention_ms, "ratio", version=label, mode=mode)
+    if baseline is not None:
+        for mode in ("two passes", "attention LSE"):
+            if ("this", mode) in outputs:
+                diff = max(float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
+                           for a, b in zip(outputs["this", mode], outputs["baseline", mode]))
+                add("max_rel_diff_vs_baseline", diff, "ratio", mode=mode)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--geometries", default=",".join(GEOMETRIES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--baseline", help="a file with another version of fitprune/kernels/fused_scores.py")
+    p.add_argument("--out", help="JSON file for the rows (rewritten after each geometry)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or not fused_scores.supported(torch.device("cuda")):
+        p.error("needs a CUDA GPU of compute capability >= 8.0 and Triton")
+    names = [g.strip() for g in args.geometries.split(",") if g.strip()]
+    unknown = sorted(set(names) - set(GEOMETRIES))
+    if unknown:
+        p.error(f"unknown geometries {unknown}; known: {', '.join(GEOMETRIES)}")
+    baseline = _load(args.baseline) if args.baseline else None
+    print(f"bench_scores_kernel: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, "
+          f"bf16, median of {args.repeats}", flush=True)
+    rows = []
+    for name in names:
+        got = bench(name, args.batch, args.repeats, baseline)
+        rows += got
+        for r in got:
+            tag = " ".join(f"{k}={r[k]}" for k in ("version", "mode") if k in r)
+            print(f"  {name:14s} {r['metric']:26s} {tag:36s} {r['value']:.4g} {r['unit']}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
