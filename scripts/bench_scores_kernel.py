@@ -7,6 +7,9 @@ expensive one), on random bf16 queries and keys:
 * ``scores``: ``fused_scores.fused_cross_self_flags`` as the pruner calls it: both passes (pass 1 computes
   the row log-sum-exp), and, on MHA geometries, pass 2 alone on the attention's own log-sum-exp
   (``lse_attention``), as the pruner runs it under SDPA;
+* with ``--tiles``, the same calls under other tile shapes, warps and pipeline stages of this version
+  (``BMxBN:WARPS:STAGES``, pass 2's warps; pass 1 takes 4 warps at 64 rows, 8 at more), each with the
+  largest relative difference of its scores from the default tiles';
 * with ``--baseline MODULE`` (a file holding another version of ``fitprune/kernels/fused_scores.py``,
   e.g. ``git show HEAD~1:fitprune/kernels/fused_scores.py > /tmp/old.py``), the same calls on that
   version, and the largest relative difference of its scores from this version's.
@@ -76,7 +79,32 @@ def _case(heads: int, kv_heads: int, hd: int, before: int, n_vis: int, after: in
     return q, k, v, text, valid, visual, inverse
 
 
-def bench(name: str, bsz: int, repeats: int, baseline) -> list[dict]:
+def _tiles(text: str) -> tuple[int, int, int, int]:
+    try:
+        blocks, warps, stages = text.split(":")
+        bm, bn = blocks.lower().split("x")
+        return int(bm), int(bn), int(warps), int(stages)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tiles {text!r}: use BMxBN:WARPS:STAGES, e.g. 128x64:8:3") from None
+
+
+def _with_tiles(tiles, fn):
+    """``fn()`` with the kernel module's warps and stages set as ``tiles`` says, restored after."""
+    bm, _, warps, stages = tiles
+    saved = fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS, fused_scores.STAGES
+    fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS = (4 if bm <= 64 else 8), warps
+    fused_scores.STAGES = stages
+    try:
+        return fn()
+    finally:
+        fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS, fused_scores.STAGES = saved
+
+
+def _max_rel_diff(got, want) -> float:
+    return max(float(((a - b).abs() / b.abs().clamp(min=1e-12)).max()) for a, b in zip(got, want))
+
+
+def bench(name: str, bsz: int, repeats: int, baseline, tiles=()) -> list[dict]:
     heads, kv_heads, hd, before, n_vis, after = GEOMETRIES[name]
     q, k, v, text, valid, visual, inverse = _case(heads, kv_heads, hd, before, n_vis, after, bsz)
     scaling = hd ** -0.5
@@ -112,9 +140,28 @@ def bench(name: str, bsz: int, repeats: int, baseline) -> list[dict]:
     if baseline is not None:
         for mode in ("two passes", "attention LSE"):
             if ("this", mode) in outputs:
-                diff = max(float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
-                           for a, b in zip(outputs["this", mode], outputs["baseline", mode]))
-                add("max_rel_diff_vs_baseline", diff, "ratio", mode=mode)
+                add("max_rel_diff_vs_baseline", _max_rel_diff(outputs["this", mode], outputs["baseline", mode]),
+                    "ratio", mode=mode)
+    for t in tiles:
+        label = f"{t[0]}x{t[1]}:{t[2]}:{t[3]}"
+        for mode, given in (("two passes", None), ("attention LSE", lse)):
+            if mode == "attention LSE" and lse is None:
+                continue
+
+            def call(given=given, t=t):
+                return _with_tiles(t, lambda: fused_scores.fused_cross_self_flags(
+                    q, k, None, scaling, row_start, text, valid, visual, inverse, lse=given, block_m=t[0],
+                    block_n=t[1]))
+
+            try:
+                ms = _time(call, repeats)
+            except Exception as err:  # noqa: BLE001  a shape the compiler refuses (shared memory, registers)
+                add("tiles_failed", 1.0, "flag", tiles=label, mode=mode, error=str(err)[:200])
+                continue
+            add("scores_ms", ms, "ms", version="this", mode=mode, tiles=label)
+            add("scores_over_attention", ms / attention_ms, "ratio", version="this", mode=mode, tiles=label)
+            add("max_rel_diff_vs_default_tiles", _max_rel_diff(call(), outputs["this", mode]), "ratio", mode=mode,
+                tiles=label)
     return rows
 
 
@@ -124,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--baseline", help="a file with another version of fitprune/kernels/fused_scores.py")
+    p.add_argument("--tiles", default="", help="comma list of BMxBN:WARPS:STAGES tile settings to try too")
     p.add_argument("--out", help="JSON file for the rows (rewritten after each geometry)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not fused_scores.supported(torch.device("cuda")):
@@ -133,15 +181,19 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown geometries {unknown}; known: {', '.join(GEOMETRIES)}")
     baseline = _load(args.baseline) if args.baseline else None
+    try:
+        tiles = [_tiles(t.strip()) for t in args.tiles.split(",") if t.strip()]
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
     print(f"bench_scores_kernel: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}, "
           f"bf16, median of {args.repeats}", flush=True)
     rows = []
     for name in names:
-        got = bench(name, args.batch, args.repeats, baseline)
+        got = bench(name, args.batch, args.repeats, baseline, tiles)
         rows += got
         for r in got:
-            tag = " ".join(f"{k}={r[k]}" for k in ("version", "mode") if k in r)
-            print(f"  {name:14s} {r['metric']:26s} {tag:36s} {r['value']:.4g} {r['unit']}", flush=True)
+            tag = " ".join(f"{k}={r[k]}" for k in ("version", "mode", "tiles") if k in r)
+            print(f"  {name:14s} {r['metric']:30s} {tag:52s} {r['value']:.4g} {r['unit']}", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

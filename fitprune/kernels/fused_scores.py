@@ -57,6 +57,7 @@ BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
+STAGES = 3  # software-pipelining depth of both passes' loops (Triton's default)
 MAX_HEAD_DIM = 256
 _TORCH_PATH = f"Pass fused_scores=False to fitprune.apply (or set {ENV_VAR}=0) to score with the torch path."
 # mask modes (constexpr in the kernels)
@@ -397,7 +398,7 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     if lse is None:  # pass 1: the softmax log-sum-exp of every (b, h, row)
         row_lse = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)
         _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_lse, *strides, *geometry, **common,
-                                          num_warps=ROW_STATS_WARPS)
+                                          num_warps=ROW_STATS_WARPS, num_stages=STAGES)
         stats = (*row_lse.stride(), 0)
     else:  # the attention's own: rows [row_start, Lq) of its (B, H, Lq) log-sum-exp
         row_lse = lse
@@ -430,7 +431,7 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_lse, *weights, partial, *strides, *flag_strides,
                                      *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     ROUND=lse is None, num_warps=CROSS_SELF_WARPS)
+                                     ROUND=lse is None, num_warps=CROSS_SELF_WARPS, num_stages=STAGES)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
         cs = cs + uniform
