@@ -162,10 +162,10 @@ def test_interpreted_flags_entry_equals_explicit_weights(interpreter):
     _check_flags(torch.bfloat16, "cpu")
 
 
-def _check_lse(dtype, device, **kw):
+def _check_lse(dtype, device, q_len=50, **kw):
     """Pass 2 on the attention's own log-sum-exp equals both passes on float32 logits (the LSE mode does
     not round q·kᵀ to the model dtype, as flash attention does not)."""
-    query, key, row_start, text, valid, visual, inverse, rows = _flags_case(dtype, device, heads=(4, 4))
+    query, key, row_start, text, valid, visual, inverse, rows = _flags_case(dtype, device, heads=(4, 4), q_len=q_len)
     scaling = query.shape[-1] ** -0.5
     _, lse = lse_attention.attend(query, key, key, scaling)
     got = fused_scores.fused_cross_self_flags(query, key, None, scaling, row_start, text, valid, visual, inverse,
@@ -179,6 +179,7 @@ def _check_lse(dtype, device, **kw):
 @interpreted
 def test_interpreted_lse_entry_matches_float32_reference(interpreter):
     _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
+    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: LSE_BLOCK_M rows, a partial second row block
 
 
 @interpreted
@@ -300,6 +301,8 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
 def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_lse(torch.bfloat16, "cuda")
+    _check_lse(torch.bfloat16, "cuda", q_len=333)  # LSE_BLOCK_M-row tiles, the last one partial
+    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64)
 
 
 @pytest.mark.gpu

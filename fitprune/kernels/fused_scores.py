@@ -54,6 +54,10 @@ __all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags",
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
+# rows per tile of pass 2 when it runs alone, on the attention's log-sum-exp: on the H200 (batch 8, bf16,
+# scripts/bench_scores_kernel.py --tiles) 1.47x faster than 64 on LLaVA-NeXT's 2928 visual tokens, 1.06x on
+# LLaVA-1.5's 576; with pass 1 in front, 128-row tiles made the pair slower, so the two-pass mode keeps 64
+LSE_BLOCK_M = 128
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
@@ -340,7 +344,7 @@ def fused_cross_self_flags(
     *,
     lse: torch.Tensor | None = None,  # (B, H, Lq) float32: the layer's attention log-sum-exp (causal only)
     splits: int | None = None,
-    block_m: int = BLOCK_M,
+    block_m: int | None = None,  # default BLOCK_M, or LSE_BLOCK_M given ``lse``
     block_n: int = BLOCK_N,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_cross_self` of ``text_rows = (text & valid)[:, row_start:]`` and ``visual_rows[:, row_start:]``
@@ -352,6 +356,8 @@ def fused_cross_self_flags(
     ``lse``: the log-sum-exp the layer's own flash attention computed (:mod:`fitprune.lse_attention`);
     pass 1 is skipped and p = exp(logit - lse) with float32 logits, so the scores differ from the torch
     path's (which rounds q·kᵀ to the model dtype) by that rounding."""
+    if block_m is None:
+        block_m = BLOCK_M if lse is None else LSE_BLOCK_M
     if mask is not None:
         if lse is not None:
             raise ValueError("lse is taken under a causal mask (mask None) only")
