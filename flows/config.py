@@ -8,7 +8,7 @@ default (``tests/test_config.py`` holds their schemas equal).
 
 The model is a discriminated union on ``kind``: ``{"kind": "demo"}``, ``{"kind": "toy", "seed": 0}``,
 ``{"kind": "path", "path": "/ckpt/dir"}``. Counts left at ``None`` follow the device:
-:meth:`SweepConfig.resolved` fills them (16 / 40 / 8 on a CPU, 64 / 500 / 32 on CUDA) and picks the
+:meth:`SweepConfig.resolved` fills them (12 / 16 / 8 on a CPU, 64 / 500 / 32 on CUDA) and picks the
 model when none is named (the toy model for toy inputs, else the demo model). Validation needs no
 model and touches no file except a path model's ``config.json``.
 """
@@ -28,7 +28,8 @@ DEFAULT_BENCHMARKS = ("easy-vqa:test", "synthetic:test")
 Dtype = Literal["auto", "bfloat16", "float32"]
 DTYPE_HELP = "weight dtype (auto: bfloat16 on CUDA and on a CPU with native bf16, else float32)"
 # the counts a config leaves at None, per device kind
-DEVICE_DEFAULTS = {"cpu": {"calib_samples": 16, "eval_samples": 40, "batch_size": 8},
+# CPU: sized so the main job (`make sweep`) stays under 10 min on a 2-core AVX2 machine in float32
+DEVICE_DEFAULTS = {"cpu": {"calib_samples": 12, "eval_samples": 16, "batch_size": 8},
                    "cuda": {"calib_samples": 64, "eval_samples": 500, "batch_size": 32}}
 
 
@@ -90,8 +91,8 @@ class SweepConfig(_Strict):
                                      "layout only)")
     search: Literal[SEARCH_SIZES] = Field(  # type: ignore[valid-type]
         "auto", description="width of fitprune's divergence search (auto: small on a CPU, full on a GPU)")
-    calib_samples: int | None = Field(None, description="calibration samples (default 16; 64 on CUDA)")
-    eval_samples: int | None = Field(None, description="samples per benchmark (default 40; 500 on CUDA)")
+    calib_samples: int | None = Field(None, description="calibration samples (default 12; 64 on CUDA)")
+    eval_samples: int | None = Field(None, description="samples per benchmark (default 16; 500 on CUDA)")
     batch_size: int | None = Field(None, description="batch size (default 8; 32 on CUDA)")
     seed: int = Field(0, description="seed of the sample sets (and of the toy model's weights)")
     source: str = Field("easy-vqa:train", description="calibration samples: easy-vqa:train|test, "

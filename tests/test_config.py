@@ -58,7 +58,7 @@ def test_no_options_give_the_flows_default_config():
     resolved = from_cli.resolved()
     assert from_cli.model is None and DemoModel().dtype == "auto"
     assert resolved.model == DemoModel(dtype=default_dtype("cpu")) and resolved.max_new_tokens == 6
-    assert (resolved.calib_samples, resolved.eval_samples, resolved.batch_size) == (16, 40, 8)
+    assert (resolved.calib_samples, resolved.eval_samples, resolved.batch_size) == (12, 16, 8)
     assert resolved.convention == "full" and resolved.benchmarks == ("easy-vqa:test", "synthetic:test")
 
 
