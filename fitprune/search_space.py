@@ -68,7 +68,7 @@ class SearchConfig:
     @classmethod
     def small(cls, **changes) -> SearchConfig:
         """The 2-core CPU main job's search: 8 seeds, c·s scoring plus the baselines' own, no local moves
-        (about 35 s per budget on the demo model with 8 + 8 calibration samples)."""
+        (65-86 s per budget on the demo model with 6 + 6 calibration samples, float32, 2-core AVX2 CPU)."""
         base = cls(first_layers=(2, 4), pyramids=((2, 6),), shares=(0.7,), walk_starts=(0, 2), walk_caps=(None,),
                    scorings=("fitprune",), finalists=1, rounds=0, max_evals=16, refine=False, progressive=False,
                    baselines=("fastv", "pyramid", "divprune"))
