@@ -75,8 +75,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """Add one option per ``SweepConfig`` field (module docstring) to the ``sweep`` subparser."""
     fields = SweepConfig.model_fields
     parser.add_argument("--model", default=argparse.SUPPRESS, help=fields["model"].description)
-    parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=list(typing.get_args(DemoModel.model_fields[
-        "dtype"].annotation)), help="weights of the demo model or a checkpoint: " + DemoModel.model_fields["dtype"].description)
+    dtype = DemoModel.model_fields["dtype"]
+    parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=list(typing.get_args(dtype.annotation)),
+                        help="weights of the demo model or a checkpoint: " + dtype.description)
     for name, option in option_fields().items():
         parser.add_argument(option, **_argument(name, fields[name]))
 
