@@ -248,15 +248,17 @@ class Pruner:
             kwargs["position_ids"] = None
         return kwargs
 
-    def _needs_cross_self(self, state: PrefillState, i: int) -> bool:
-        """Whether layer ``i`` computes FitPrune's c and s: a probe reads them, or the recipe drops there by them."""
-        return self.probe is not None or (self.rule.cross_self and any(state.recipe_drops(i)))
+    def _needs_cross_self(self, by_recipe: bool) -> bool:
+        """Whether a layer computes FitPrune's c and s: a probe reads them, or the recipe drops there
+        (``by_recipe``) by them."""
+        return self.probe is not None or (self.rule.cross_self and by_recipe)
 
     def _attention_observer(self, i: int):
         def wants_lse(query, mask) -> bool:  # c and s will come from the fused kernel, with counts (attention.py)
             state = self.prefill
             return (state is not None and mask is None and query.shape[2] > 1 and any(state.alive_visual)
-                    and self._needs_cross_self(state, i) and scoring.takes_counts(state, query, self.fused_scores))
+                    and self._needs_cross_self(any(state.recipe_drops(i)))
+                    and scoring.takes_counts(state, query, self.fused_scores))
 
         def observe(module, query, key, mask, scaling, lse=None):
             state = self.prefill
@@ -267,7 +269,7 @@ class Pruner:
             rule = self.rule
             candidates = state.visual & state.valid
             cs = None
-            if self._needs_cross_self(state, i):
+            if self._needs_cross_self(by_recipe):
                 with stage("scoring"):
                     cs = scoring.state_cross_self(state, query, key, mask, scaling, candidates, self.fused_scores,
                                                     self.constants, lse)

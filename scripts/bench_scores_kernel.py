@@ -122,12 +122,11 @@ def bench(name: str, bsz: int, repeats: int, baseline, tiles=()) -> list[dict]:
     if not gqa:
         choice = lse_attention.backend(q, k, v, scaling)
         lse = lse_attention.attend(q, k, v, scaling, choice)[1]
+    modes = [("two passes", None)] + ([("attention LSE", lse)] if lse is not None else [])
     versions = {"this": fused_scores} | ({"baseline": baseline} if baseline is not None else {})
     outputs = {}
     for label, module in versions.items():
-        for mode, given in (("two passes", None), ("attention LSE", lse)):
-            if mode == "attention LSE" and lse is None:
-                continue
+        for mode, given in modes:
 
             def call(module=module, given=given):
                 return module.fused_cross_self_flags(q, k, None, scaling, row_start, text, valid, visual, inverse,
@@ -138,15 +137,12 @@ def bench(name: str, bsz: int, repeats: int, baseline, tiles=()) -> list[dict]:
             add("scores_ms", ms, "ms", version=label, mode=mode)
             add("scores_over_attention", ms / attention_ms, "ratio", version=label, mode=mode)
     if baseline is not None:
-        for mode in ("two passes", "attention LSE"):
-            if ("this", mode) in outputs:
-                add("max_rel_diff_vs_baseline", _max_rel_diff(outputs["this", mode], outputs["baseline", mode]),
-                    "ratio", mode=mode)
+        for mode, _ in modes:
+            add("max_rel_diff_vs_baseline", _max_rel_diff(outputs["this", mode], outputs["baseline", mode]),
+                "ratio", mode=mode)
     for t in tiles:
         label = f"{t[0]}x{t[1]}:{t[2]}:{t[3]}"
-        for mode, given in (("two passes", None), ("attention LSE", lse)):
-            if mode == "attention LSE" and lse is None:
-                continue
+        for mode, given in modes:
 
             def call(given=given, t=t):
                 return _with_tiles(t, lambda: fused_scores.fused_cross_self_flags(

@@ -16,6 +16,7 @@ from there afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -45,6 +46,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 matrix products natively, by oneDNN's own check (AVX-512 or AMX on x86,
     the BF16 extension on Arm). Without it bf16 is emulated: 4-5x slower than float32 on an AVX2 CPU."""
