@@ -60,7 +60,8 @@ Every figure is also given as a ratio against the unpruned model measured in the
 (``ratio_vs_unpruned``), next to ``flops_ratio`` = pruned / unpruned language-model prefill FLOPs
 from the executed token counts of ``fitprune.last_report`` ("full" convention; the ideal speed-up is
 1 / flops_ratio). Rows go to ``--out`` (JSON, or Parquet if it ends in .parquet), rewritten after
-every geometry and batch so a run cut short keeps what it measured.
+every configuration (method × graph mode of one geometry and batch), so a run cut short keeps every
+configuration it finished.
 
 Run from the repository root::
 
@@ -451,6 +452,7 @@ class Bench:
         self.graphs = meta.get("cuda_graphs", "off")  # on | off | both
         self.rows: list[dict] = []
         self.errors: list[str] = []
+        self.saved = lambda: None  # called after every configuration (main: rewrite --out)
 
     def fused_setting(self, torch_scores: bool) -> bool:
         """``fused_scores=`` for fitprune.apply / collect_stats: the kernel unless the run or this
@@ -655,6 +657,7 @@ def guarded(bench: Bench, geo: Geometry, batch: int, m: Method, run: Callable[[]
         if getattr(geo.model, "_fitprune", None) is not None:
             fitprune.remove(geo.model)
         _free(bench.device)
+        bench.saved()  # a run cut short keeps every configuration it finished
     print(f"  {geo.name} b{batch} {m.label:<24} {time.perf_counter() - t_cfg:6.1f} s", flush=True)
 
 
@@ -1038,6 +1041,12 @@ def main(argv=None) -> int:
           f"batches {args.batches}, geometries {args.geometries}{' (tiny)' if args.tiny else ''}, fused scores {fused} "
           f"→ {out}", flush=True)
     t_start = time.perf_counter()
+
+    def save() -> None:
+        fill_ratios(bench.rows)
+        write_rows(out, bench.rows, run_meta, bench.errors)
+
+    bench.saved = save
     for name in args.geometries:
         t_geo = time.perf_counter()
         geo = build_geometry(bench, name, dtype)
@@ -1054,16 +1063,14 @@ def main(argv=None) -> int:
         for batch in args.batches:
             bench.add(geo, batch, None, "build_s", geo.build_s, "s", 1.0)
             run_batch(bench, geo, batch)
-            fill_ratios(bench.rows)
-            write_rows(out, bench.rows, run_meta, bench.errors)
+            save()
         geo.model = None
         del geo
         _free(device)
         left = f", {torch.cuda.memory_allocated(device) / MB:.0f} MB still allocated" if device.type == "cuda" else ""
         print(f"{name}: done in {time.perf_counter() - t_geo:.1f} s{left}; {time.perf_counter() - t_start:.0f} s "
               "since start", flush=True)
-    fill_ratios(bench.rows)
-    write_rows(out, bench.rows, run_meta, bench.errors)
+    save()
     print_tables(bench.rows, geo_info)
     return finish(bench, out, t_start)
 

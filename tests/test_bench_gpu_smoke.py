@@ -58,16 +58,44 @@ def test_tiny_benchmark_measures_every_part(tiny_run):
     assert stats["value"] > 0 and stats["ratio_vs_unpruned"] > 0
 
 
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def test_every_configuration_is_saved_even_when_it_fails():
+    """A run cut short (a device time-out) keeps every configuration it finished: ``guarded`` saves
+    after each one, the failing ones included, and records the failure."""
+    import types
+
+    import torch
+
+    script = _load_script()
+    saved = []
+    bench = types.SimpleNamespace(errors=[], device=torch.device("cpu"), rows=[])
+    bench.saved = lambda: saved.append((len(bench.rows), list(bench.errors)))
+    geo = types.SimpleNamespace(name="g", model=torch.nn.Linear(2, 2))
+    method = types.SimpleNamespace(label="fitprune@60")
+
+    script.guarded(bench, geo, 8, method, lambda: bench.rows.append({"metric": "prefill_ms"}))
+
+    def fails():
+        raise RuntimeError("kernel launch failed")
+
+    script.guarded(bench, geo, 8, method, fails)
+    assert saved == [(1, []), (1, ["g b8 fitprune@60: RuntimeError: kernel launch failed"])]
+
+
 @pytest.mark.slow
 def test_rows_also_write_as_parquet(tiny_run, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.modules.pop(spec.name, None)
+    bench = _load_script()
     _, data = tiny_run
     path = tmp_path / "bench.parquet"
     bench.write_rows(path, data["rows"], data["meta"], data["errors"])
