@@ -10,12 +10,21 @@ the same tensors: the same bits) together with the LSE.
 
 It applies only where that equivalence is certain, and returns None everywhere else (the caller then
 runs the stock function): transformers' ``sdpa`` implementation, no mask (plain causal, SDPA's
-``is_causal``), as many key/value heads as query heads, keys no longer than the queries (no cached
-prefix), no dropout, soft-capping or position bias, and SDPA's own backend choice for these tensors
-(``torch._fused_sdp_choice``: a user's ``sdpa_kernel`` context is honoured) is one of those three.
+``is_causal``), keys no longer than the queries (no cached prefix), no dropout, soft-capping or
+position bias, and SDPA's own backend choice for these tensors (``torch._fused_sdp_choice``: a user's
+``sdpa_kernel`` context is honoured) is one of those three.
+
+Grouped-query attention (fewer key/value heads than query heads: Qwen2-VL's 28 / 4) applies where
+transformers hands SDPA the grouped keys with ``enable_gqa`` (its ``use_gqa_in_sdpa``: no mask) and
+SDPA then picks flash attention, whose kernel reads each query head's key/value head itself: the
+grouped tensors go to the same aten op. The other backends expand the keys first, so GQA declines
+there.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch.nn.attention import SDPBackend
@@ -27,12 +36,33 @@ _FLASH, _EFFICIENT, _CUDNN = (int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBa
 
 
 def backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> int | None:
-    """The fused backend stock SDPA picks for causal attention on these tensors, where it is one whose
-    aten op also returns the log-sum-exp (flash, memory-efficient or cuDNN on CUDA; flash on the CPU);
+    """The fused backend stock SDPA picks for causal attention on these tensors (``enable_gqa`` where
+    the key heads are fewer), where it is one whose aten op also returns the log-sum-exp on the tensors
+    as given (flash, memory-efficient or cuDNN on CUDA, only flash for grouped keys; flash on the CPU);
     else None."""
-    choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling))
-    usable = (_FLASH, _EFFICIENT, _CUDNN) if query.is_cuda else (_FLASH,)
+    grouped = key.shape[1] != query.shape[1]
+    choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling, enable_gqa=grouped))
+    usable = (_FLASH, _EFFICIENT, _CUDNN) if query.is_cuda and not grouped else (_FLASH,)
     return choice if choice in usable else None
+
+
+@functools.cache
+def _stock_gqa_rule():
+    """transformers' own test of whether its SDPA path passes grouped keys with ``enable_gqa`` (None
+    where this transformers has none: grouped keys then decline)."""
+    try:
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+    except ImportError:
+        return None
+    return use_gqa_in_sdpa, len(inspect.signature(use_gqa_in_sdpa).parameters)
+
+
+def _stock_passes_grouped(mask, key: torch.Tensor, value: torch.Tensor) -> bool:
+    rule = _stock_gqa_rule()
+    if rule is None:
+        return False
+    fn, n_params = rule
+    return bool(fn(mask, key, value) if n_params >= 3 else fn(mask, key))
 
 
 def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask, scaling: float,
@@ -43,10 +73,13 @@ def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return None
     if kwargs.get("position_bias") is not None or kwargs.get("is_causal") is False:
         return None
-    if not getattr(module, "is_causal", True) or getattr(module, "num_key_value_groups", 1) != 1:
+    if not getattr(module, "is_causal", True):
         return None
-    q_len = query.shape[2]
-    if q_len < 2 or key.shape[2] != q_len or key.shape[1] != query.shape[1] or value.shape[1] != query.shape[1]:
+    q_len, heads, kv_heads = query.shape[2], query.shape[1], key.shape[1]
+    groups = getattr(module, "num_key_value_groups", 1)
+    if q_len < 2 or key.shape[2] != q_len or value.shape[1] != kv_heads or kv_heads * groups != heads:
+        return None
+    if groups > 1 and not _stock_passes_grouped(mask, key, value):  # stock would repeat the keys first
         return None
     if query.shape[-1] % 8 or value.shape[-1] != query.shape[-1]:  # SDPA would pad the head dim first
         return None
@@ -56,11 +89,15 @@ def applies(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, choice: int | None = None):
-    """``(output, lse)`` of causal attention on (B, H, L, hd) tensors by the backend SDPA picks:
-    ``output`` (B, L, H, hd) contiguous, as ``sdpa_attention_forward`` returns it; ``lse`` (B, H, L)
-    float32 (a view), natural log of the row sums of exp(scaling · q·kᵀ). Call only where
-    :func:`applies` gave a backend; ``choice``: that backend (None: asked of SDPA again)."""
+    """``(output, lse)`` of causal attention on (B, H, L, hd) queries and (B, Hkv, L, hd) keys/values
+    (Hkv divides H) by the backend SDPA picks: ``output`` (B, L, H, hd) contiguous, as
+    ``sdpa_attention_forward`` returns it; ``lse`` (B, H, L) float32 (a view), natural log of the row
+    sums of exp(scaling · q·kᵀ). Call only where :func:`applies` gave a backend; ``choice``: that
+    backend (None: asked of SDPA again)."""
     choice = backend(query, key, value, scaling) if choice is None else choice
+    if key.shape[1] != query.shape[1] and choice != _FLASH:
+        raise RuntimeError(f"lse_attention.attend: grouped keys ({key.shape[1]} heads for {query.shape[1]} query "
+                           f"heads) go to flash attention only, not backend {choice}; call applies() first")
     if not query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
                                                                                scale=scaling)

@@ -5,11 +5,12 @@ expensive one), on random bf16 queries and keys:
 
 * ``attention``: stock SDPA (``is_causal``) of the layer, the baseline every ratio is taken against;
 * ``scores``: ``fused_scores.fused_cross_self_flags`` as the pruner calls it: both passes (pass 1 computes
-  the row log-sum-exp), and, on MHA geometries, pass 2 alone on the attention's own log-sum-exp
-  (``lse_attention``), as the pruner runs it under SDPA;
+  the row log-sum-exp), and pass 2 alone on the attention's own log-sum-exp (``lse_attention``), as the
+  pruner runs it under SDPA, where SDPA's backend returns one (for grouped keys, flash);
 * with ``--tiles``, the same calls under other tile shapes, warps and pipeline stages of this version
-  (``BMxBN:WARPS:STAGES``, pass 2's warps; pass 1 takes 4 warps at 64 rows, 8 at more), each with the
-  largest relative difference of its scores from the default tiles';
+  (``BMxBN:WARPS:STAGES[:ROWS1]``: pass 2's tile rows × keys, warps and stages; ``ROWS1``, pass 1's tile
+  rows, default ``fused_scores.ROW_STATS_BLOCK_M``, with 4 warps at 64 rows and 8 at more), each with
+  the largest relative difference of its scores from the default tiles';
 * with ``--baseline MODULE`` (a file holding another version of ``fitprune/kernels/fused_scores.py``,
   e.g. ``git show HEAD~1:fitprune/kernels/fused_scores.py > /tmp/old.py``), the same calls on that
   version, and the largest relative difference of its scores from this version's.
@@ -79,20 +80,23 @@ def _case(heads: int, kv_heads: int, hd: int, before: int, n_vis: int, after: in
     return q, k, v, text, valid, visual, inverse
 
 
-def _tiles(text: str) -> tuple[int, int, int, int]:
+def _tiles(text: str) -> tuple[int, int, int, int, int]:
     try:
-        blocks, warps, stages = text.split(":")
+        blocks, warps, stages, *rows1 = text.split(":")
         bm, bn = blocks.lower().split("x")
-        return int(bm), int(bn), int(warps), int(stages)
+        if len(rows1) > 1:
+            raise ValueError(text)
+        return int(bm), int(bn), int(warps), int(stages), int(rows1[0]) if rows1 else fused_scores.ROW_STATS_BLOCK_M
     except ValueError:
-        raise argparse.ArgumentTypeError(f"tiles {text!r}: use BMxBN:WARPS:STAGES, e.g. 128x64:8:3") from None
+        raise argparse.ArgumentTypeError(f"tiles {text!r}: use BMxBN:WARPS:STAGES[:ROWS1], e.g. 128x64:8:3 or "
+                                         "128x64:8:3:128") from None
 
 
 def _with_tiles(tiles, fn):
     """``fn()`` with the kernel module's warps and stages set as ``tiles`` says, restored after."""
-    bm, _, warps, stages = tiles
+    _, _, warps, stages, rows1 = tiles
     saved = fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS, fused_scores.STAGES
-    fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS = (4 if bm <= 64 else 8), warps
+    fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS = (4 if rows1 <= 64 else 8), warps
     fused_scores.STAGES = stages
     try:
         return fn()
@@ -119,8 +123,8 @@ def bench(name: str, bsz: int, repeats: int, baseline, tiles=()) -> list[dict]:
                                                                 enable_gqa=gqa), repeats)
     add("attention_ms", attention_ms, "ms")
     lse = None
-    if not gqa:
-        choice = lse_attention.backend(q, k, v, scaling)
+    choice = lse_attention.backend(q, k, v, scaling)  # grouped keys: flash only (lse_attention)
+    if choice is not None:
         lse = lse_attention.attend(q, k, v, scaling, choice)[1]
     modes = [("two passes", None)] + ([("attention LSE", lse)] if lse is not None else [])
     versions = {"this": fused_scores} | ({"baseline": baseline} if baseline is not None else {})
@@ -141,13 +145,13 @@ def bench(name: str, bsz: int, repeats: int, baseline, tiles=()) -> list[dict]:
             add("max_rel_diff_vs_baseline", _max_rel_diff(outputs["this", mode], outputs["baseline", mode]),
                 "ratio", mode=mode)
     for t in tiles:
-        label = f"{t[0]}x{t[1]}:{t[2]}:{t[3]}"
+        label = f"{t[0]}x{t[1]}:{t[2]}:{t[3]}:{t[4]}"
         for mode, given in modes:
 
             def call(given=given, t=t):
                 return _with_tiles(t, lambda: fused_scores.fused_cross_self_flags(
                     q, k, None, scaling, row_start, text, valid, visual, inverse, lse=given, block_m=t[0],
-                    block_n=t[1]))
+                    block_n=t[1], stats_block_m=t[4]))
 
             try:
                 ms = _time(call, repeats)
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--baseline", help="a file with another version of fitprune/kernels/fused_scores.py")
-    p.add_argument("--tiles", default="", help="comma list of BMxBN:WARPS:STAGES tile settings to try too")
+    p.add_argument("--tiles", default="", help="comma list of BMxBN:WARPS:STAGES[:ROWS1] tile settings to try too")
     p.add_argument("--out", help="JSON file for the rows (rewritten after each geometry)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or not fused_scores.supported(torch.device("cuda")):

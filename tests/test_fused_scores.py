@@ -10,6 +10,8 @@ takes the fused path (``supported`` is False), which the rest of the suite cover
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from triton_interpreter import HAS_TRITON, IN_INTERPRETER, interpreted, needs_triton, run_interpreted
@@ -122,6 +124,15 @@ def test_interpreted_mha_default_tiles_and_longer_keys(interpreter, kind):
 
 
 @interpreted
+def test_interpreted_passes_with_their_own_row_tiles(interpreter):
+    # pass 1 and pass 2 tile the rows differently (the defaults: 64 and 128); the last row block of
+    # each is partial, and pass 2's row blocks straddle pass 1's
+    case = _case("none", torch.float32, heads=(4, 2), bsz=2, q_len=150, kv_len=150, row_start=3)
+    _check(case, torch.float32)
+    _check(case, torch.float32, block_m=32, stats_block_m=16, block_n=16, splits=2)
+
+
+@interpreted
 def test_interpreted_dead_rows_follow_torch_softmax(interpreter):
     # a row with no allowed key has a uniform softmax in the torch path; here they are all the text rows
     query, key, mask, row_start, text, visual = _case("pad2d", torch.float32, heads=(2, 1), q_len=40, kv_len=40)
@@ -179,28 +190,41 @@ def _check_lse(dtype, device, q_len=50, **kw):
 @interpreted
 def test_interpreted_lse_entry_matches_float32_reference(interpreter):
     _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
-    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: LSE_BLOCK_M rows, a partial second row block
+    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: BLOCK_M rows, a partial second row block
+
+
+# tiny models with 4 query heads: LLaVA with 4 or 2 key/value heads, Qwen2-VL (GQA, M-RoPE) with 2
+LSE_MODELS = {"llava-mha": (lambda: tiny_llava(num_kv_heads=4), "llava"), "llava-gqa": (tiny_llava, "llava"),
+              "qwen2_vl-gqa": (FACTORIES["qwen2_vl"], "qwen2_vl")}
 
 
 @interpreted
-def test_interpreted_pruner_takes_the_attention_lse(interpreter, monkeypatch):
-    """An MHA model, one sample (plain causal): both pruning layers get the LSE from their attention;
-    the output is the stock attention's, so the logits are bit for bit those with the LSE turned off."""
-    model, make_inputs = tiny_llava(num_kv_heads=4)
+@pytest.mark.parametrize("name", list(LSE_MODELS))
+def test_interpreted_pruner_takes_the_attention_lse(interpreter, monkeypatch, name):
+    """An MHA or GQA model, one sample (plain causal): both pruning layers get the LSE from their
+    attention; the output is the stock attention's, so the logits are bit for bit those with the LSE
+    turned off."""
+    factory, family = LSE_MODELS[name]
+    model, make_inputs = factory()
     monkeypatch.setattr(fused_scores, "supported", lambda where: True)
-    with_lse, without = _with_and_without_lse(model, make_inputs([(5, IMAGES["llava"][0], 7)]), monkeypatch)
+    with_lse, without = _with_and_without_lse(model, make_inputs([(5, IMAGES[family][0], 7)]), monkeypatch,
+                                              _lse_recipe(family))
     assert any(any(layer) for sample in with_lse for layer in sample)
 
 
-def _with_and_without_lse(model, batch, monkeypatch):
+def _lse_recipe(family: str) -> Recipe:
+    return dataclasses.replace(LSE_RECIPE, family=family)
+
+
+def _with_and_without_lse(model, batch, monkeypatch, recipe=LSE_RECIPE):
     """The drops with the attention's LSE (both pruning layers must take it) and with it turned off;
     the logits must be bit for bit the same (the pruning layers' outputs are stock SDPA's)."""
     calls, original = [], lse_attention.attend
     monkeypatch.setattr(lse_attention, "attend", lambda *a: calls.append(1) or original(*a))
-    with_lse, with_lse_logits = _dropped(model, batch, LSE_RECIPE)
+    with_lse, with_lse_logits = _dropped(model, batch, recipe)
     assert len(calls) == 2
     monkeypatch.setattr(lse_attention, "applies", lambda *a, **k: False)
-    without, without_logits = _dropped(model, batch, LSE_RECIPE)
+    without, without_logits = _dropped(model, batch, recipe)
     assert len(calls) == 2 and with_lse == without
     assert torch.equal(with_lse_logits, without_logits)
     return with_lse, without
@@ -286,6 +310,7 @@ def test_cuda_matches_torch_path(monkeypatch, kind, dtype, heads):
     case = _case(kind, dtype, heads, q_len=333, kv_len=333, row_start=37, hd=128, device="cuda")
     _check(case, dtype)
     _check(case, dtype, block_m=16, block_n=32, splits=5)
+    _check(case, dtype, block_m=64, stats_block_m=128)  # the other way round from the defaults
 
 
 @pytest.mark.gpu
@@ -301,24 +326,26 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
 def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_lse(torch.bfloat16, "cuda")
-    _check_lse(torch.bfloat16, "cuda", q_len=333)  # LSE_BLOCK_M-row tiles, the last one partial
+    _check_lse(torch.bfloat16, "cuda", q_len=333)  # BLOCK_M-row tiles, the last one partial
     _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64)
 
 
 @pytest.mark.gpu
 @needs_triton
-def test_cuda_pruner_with_attention_lse_keeps_stock_outputs(monkeypatch):
-    """bf16 MHA on the GPU (SDPA's own backend: cuDNN on the H200): the pruning layers' outputs are
-    stock SDPA's, so with the same drops the logits are bit for bit those without the LSE; the drops
-    agree with the torch path."""
+@pytest.mark.parametrize("name", list(LSE_MODELS))
+def test_cuda_pruner_with_attention_lse_keeps_stock_outputs(monkeypatch, name):
+    """bf16 on the GPU (SDPA's own backend: cuDNN for MHA on the H200, flash for grouped keys): the
+    pruning layers' outputs are stock SDPA's, so with the same drops the logits are bit for bit those
+    without the LSE; the drops agree with the torch path."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model, make_inputs = tiny_llava(num_kv_heads=4)
+    factory, family = LSE_MODELS[name]
+    model, make_inputs = factory()
     model = model.to("cuda", torch.bfloat16)
-    batch = {k: v.cuda() for k, v in make_inputs([(5, IMAGES["llava"][0], 7)] * 3).items()}
+    batch = {k: v.cuda() for k, v in make_inputs([(5, IMAGES[family][0], 7)] * 3).items()}
     batch["pixel_values"] = batch["pixel_values"].bfloat16()
-    with_lse, _ = _with_and_without_lse(model, batch, monkeypatch)
+    with_lse, _ = _with_and_without_lse(model, batch, monkeypatch, _lse_recipe(family))
     monkeypatch.setenv(fused_scores.ENV_VAR, "0")
-    torch_path, _ = _dropped(model, batch, LSE_RECIPE)
+    torch_path, _ = _dropped(model, batch, _lse_recipe(family))
     assert torch_path == with_lse
 
 

@@ -25,11 +25,18 @@ def _qkv(bsz=2, heads=4, length=12, hd=16, kv_heads=None, kv_len=None, dtype=tor
 
 
 def _check_equals_stock(device, dtype, **shape):
+    """attend() gives transformers' own SDPA attention output, bit for bit, and the row log-sum-exp."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     q, k, v = _qkv(device=device, dtype=dtype, **shape)
-    assert lse_attention.applies(_Attn(), q, k, v, None, 0.25, {"dropout": 0.0, "scaling": 0.25})
+    attn = _Attn()
+    attn.num_key_value_groups = q.shape[1] // k.shape[1]
+    assert lse_attention.applies(attn, q, k, v, None, 0.25, {"dropout": 0.0, "scaling": 0.25})
     out, lse = lse_attention.attend(q, k, v, 0.25)
-    stock = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
-    assert torch.equal(out, stock.transpose(1, 2).contiguous()) and out.is_contiguous()
+    stock, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=0.25)
+    assert torch.equal(out, stock) and out.is_contiguous()
+    groups = attn.num_key_value_groups
+    k = k.repeat_interleave(groups, 1)  # each query head's key head, for the reference
     logits = (q.float() @ k.float().transpose(-1, -2)) * 0.25
     causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=device).tril()
     want = torch.logsumexp(logits.masked_fill(~causal, float("-inf")), -1)
@@ -40,6 +47,23 @@ def _check_equals_stock(device, dtype, **shape):
 
 def test_output_is_stock_sdpa_and_lse_is_the_row_logsumexp():
     _check_equals_stock("cpu", torch.float32)
+    _check_equals_stock("cpu", torch.float32, heads=8, kv_heads=2)  # grouped keys, as Qwen2-VL's 28 / 4
+
+
+def test_grouped_keys_apply_only_where_stock_passes_them_grouped(monkeypatch):
+    """GQA takes the LSE route only where transformers itself would hand SDPA the grouped keys
+    (``use_gqa_in_sdpa``); where it repeats them first, or its rule cannot be found, it declines."""
+    q, k, v = _qkv(heads=8, kv_heads=2)
+    gqa = _Attn()
+    gqa.num_key_value_groups = 4
+    assert lse_attention.applies(gqa, q, k, v, None, 0.25, {})
+    monkeypatch.setattr(lse_attention, "_stock_passes_grouped", lambda mask, key, value: False)
+    assert not lse_attention.applies(gqa, q, k, v, None, 0.25, {})
+    monkeypatch.undo()
+    monkeypatch.setattr(lse_attention, "_stock_gqa_rule", lambda: None)
+    assert not lse_attention.applies(gqa, q, k, v, None, 0.25, {})
+    with pytest.raises(RuntimeError, match="flash attention only"):  # grouped keys to another backend
+        lse_attention.attend(q, k, v, 0.25, choice=int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION))
 
 
 def test_declines_calls_it_cannot_reproduce():
@@ -50,13 +74,14 @@ def test_declines_calls_it_cannot_reproduce():
     assert not lse_attention.applies(attn, q, k, v, mask, 0.25, ok)  # a padding mask: not plain causal
     assert not lse_attention.applies(attn, q, k, v, None, 0.25, {"dropout": 0.1})
     assert not lse_attention.applies(attn, q, k, v, None, 0.25, {"softcap": 30.0})
-    assert not lse_attention.applies(attn, *_qkv(kv_heads=2), None, 0.25, ok)  # GQA
+    assert not lse_attention.applies(attn, *_qkv(kv_heads=2), None, 0.25, ok)  # key heads the module does not group
     assert not lse_attention.applies(attn, *_qkv(kv_len=15), None, 0.25, ok)  # a cached prefix
     assert not lse_attention.applies(attn, *_qkv(length=1), None, 0.25, ok)  # a decode step
     assert not lse_attention.applies(attn, *_qkv(hd=12), None, 0.25, ok)  # SDPA would pad the head dim
     gqa = _Attn()
     gqa.num_key_value_groups = 2
-    assert not lse_attention.applies(gqa, q, k, v, None, 0.25, ok)
+    assert not lse_attention.applies(gqa, q, k, v, None, 0.25, ok)  # groups that do not match the heads
+    assert not lse_attention.applies(gqa, *_qkv(heads=4, kv_heads=2), mask, 0.25, ok)  # GQA under a mask
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # the user's backend choice wins
         assert not lse_attention.applies(attn, q, k, v, None, 0.25, ok)
 
@@ -82,7 +107,8 @@ def test_the_pruner_asks_only_where_the_fused_kernel_scores(monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_output_is_stock_sdpa_and_lse_is_the_row_logsumexp():
-    for shape in ({}, {"bsz": 8, "heads": 32, "length": 651, "hd": 128}):
+    for shape in ({}, {"bsz": 8, "heads": 32, "length": 651, "hd": 128},
+                  {"bsz": 8, "heads": 28, "kv_heads": 4, "length": 1045, "hd": 128}):  # Qwen2-VL's grouped keys
         _check_equals_stock("cuda", torch.bfloat16, **shape)
         _check_equals_stock("cuda", torch.float16, **shape)
 

@@ -53,11 +53,12 @@ from . import FUSED_SCORES_ENV as ENV_VAR  # "0": the default setting is off (th
 __all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "supported"]
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
-BLOCK_M, BLOCK_N = 64, 64  # query rows × keys per tile, both passes
-# rows per tile of pass 2 when it runs alone, on the attention's log-sum-exp: on the H200 (batch 8, bf16,
-# scripts/bench_scores_kernel.py --tiles) 1.47x faster than 64 on LLaVA-NeXT's 2928 visual tokens, 1.06x on
-# LLaVA-1.5's 576; with pass 1 in front, 128-row tiles made the pair slower, so the two-pass mode keeps 64
-LSE_BLOCK_M = 128
+# pass 2's query rows × keys per tile. On the H200 (batch 8, bf16, scripts/bench_scores_kernel.py --tiles)
+# 128-row tiles made pass 2 on the attention's log-sum-exp 1.47x faster than 64 on LLaVA-NeXT's 2928 visual
+# tokens, 1.06x on LLaVA-1.5's 576; with pass 1 at 128 rows too, the two passes together were slower, so
+# pass 1 has its own tile rows, ROW_STATS_BLOCK_M (keys per tile: BLOCK_N)
+BLOCK_M, BLOCK_N = 128, 64
+ROW_STATS_BLOCK_M = 64
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
@@ -323,16 +324,18 @@ def fused_cross_self(
     splits: int | None = None,
     block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
+    stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FitPrune's c (mean over T) and s (mean over V) of the head-max attention, each (B, Lkv) float32.
 
     Equals ``scoring.cross_self(scoring.head_max_probs(query, key, mask, scaling, row_start), text_rows,
     visual_rows)`` up to float rounding. ``splits``: groups of row blocks per column block, each writing
-    its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: tile
-    rows / keys, powers of two >= 16.
+    its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: pass 2's
+    tile rows / keys, ``stats_block_m``: pass 1's tile rows; powers of two >= 16.
     """
     _check(query, key, text_rows, visual_rows, row_start)
-    return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits, block_m, block_n)
+    return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits,
+                   (stats_block_m, block_m), block_n)
 
 
 def fused_cross_self_flags(
@@ -344,8 +347,9 @@ def fused_cross_self_flags(
     *,
     lse: torch.Tensor | None = None,  # (B, H, Lq) float32: the layer's attention log-sum-exp (causal only)
     splits: int | None = None,
-    block_m: int | None = None,  # default BLOCK_M, or LSE_BLOCK_M given ``lse``
+    block_m: int = BLOCK_M,
     block_n: int = BLOCK_N,
+    stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_cross_self` of ``text_rows = (text & valid)[:, row_start:]`` and ``visual_rows[:, row_start:]``
     with the counts already known (the pruner keeps them on the host): under a causal mask the kernel
@@ -356,13 +360,12 @@ def fused_cross_self_flags(
     ``lse``: the log-sum-exp the layer's own flash attention computed (:mod:`fitprune.lse_attention`);
     pass 1 is skipped and p = exp(logit - lse) with float32 logits, so the scores differ from the torch
     path's (which rounds q·kᵀ to the model dtype) by that rounding."""
-    if block_m is None:
-        block_m = BLOCK_M if lse is None else LSE_BLOCK_M
     if mask is not None:
         if lse is not None:
             raise ValueError("lse is taken under a causal mask (mask None) only")
         return fused_cross_self(query, key, mask, scaling, row_start, text[:, row_start:] & valid[:, row_start:],
-                                visual_rows[:, row_start:], splits=splits, block_m=block_m, block_n=block_n)
+                                visual_rows[:, row_start:], splits=splits, block_m=block_m, block_n=block_n,
+                                stats_block_m=stats_block_m)
     _check(query, key, text[:, row_start:], visual_rows[:, row_start:], row_start)  # shapes (views)
     if tuple(valid.shape) != tuple(text.shape):
         raise ValueError(f"valid must have the shape of text, {tuple(text.shape)}; got {tuple(valid.shape)}")
@@ -373,7 +376,7 @@ def fused_cross_self_flags(
     if lse is not None and (tuple(lse.shape) != tuple(query.shape[:3]) or lse.dtype != torch.float32):
         raise ValueError(f"lse must be (B, H, Lq) = {tuple(query.shape[:3])} float32; got {tuple(lse.shape)} {lse.dtype}")
     flags = (_flag_bytes(text), _flag_bytes(valid), _flag_bytes(visual_rows), inverse_counts.contiguous())
-    return _scores(query, key, mask, scaling, row_start, None, flags, splits, block_m, block_n, lse)
+    return _scores(query, key, mask, scaling, row_start, None, flags, splits, (stats_block_m, block_m), block_n, lse)
 
 
 def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -381,10 +384,12 @@ def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype == torch.bool else t
 
 
-def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, splits, block_m: int, block_n: int,
-            lse: torch.Tensor | None = None):
+def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, splits, block_m: tuple[int, int],
+            block_n: int, lse: torch.Tensor | None = None):
     """Both passes (pass 2 only, given the attention's ``lse``); row weights from ``rows`` (text_rows,
-    visual_rows), or from ``flags`` (text, valid, visual, inverse counts; causal mask only)."""
+    visual_rows), or from ``flags`` (text, valid, visual, inverse counts; causal mask only); ``block_m``:
+    (pass 1's, pass 2's) tile rows."""
+    stats_block_m, block_m = block_m
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
@@ -394,17 +399,16 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
         return zeros, zeros.clone()
     mode, mask_t, mask_strides = _mask_args(mask, row_start, q_len, kv_len, query)
     common = {"MASK_MODE": mode, "IEEE": query.dtype == torch.float32, "INTERPRET": _interpreting(),
-              "BLOCK_M": block_m, "BLOCK_N": block_n,
-              "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}  # tl.dot needs K >= 16
+              "BLOCK_N": block_n, "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}  # tl.dot needs K >= 16
     geometry = (n_heads, n_heads // key.shape[1], n_rows, kv_len, row_start, kv_len - q_len, head_dim,
                 float(scaling))
     strides = (*query.stride(), *key.stride(), *mask_strides)
 
-    n_rb = triton.cdiv(n_rows, block_m)
     if lse is None:  # pass 1: the softmax log-sum-exp of every (b, h, row)
         row_lse = torch.empty(bsz, n_heads, n_rows, dtype=torch.float32, device=device)
-        _row_stats[(n_rb, bsz * n_heads)](query, key, mask_t, row_lse, *strides, *geometry, **common,
-                                          num_warps=ROW_STATS_WARPS, num_stages=STAGES)
+        _row_stats[(triton.cdiv(n_rows, stats_block_m), bsz * n_heads)](
+            query, key, mask_t, row_lse, *strides, *geometry, **common, BLOCK_M=stats_block_m,
+            num_warps=ROW_STATS_WARPS, num_stages=STAGES)
         stats = (*row_lse.stride(), 0)
     else:  # the attention's own: rows [row_start, Lq) of its (B, H, Lq) log-sum-exp
         row_lse = lse
@@ -433,11 +437,12 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
         programs = _programs(device.index if device.index is not None else torch.cuda.current_device()) \
             if query.is_cuda else 2
         splits = triton.cdiv(programs, bsz * n_cb)
-    splits = max(1, min(int(splits), n_rb))
+    splits = max(1, min(int(splits), triton.cdiv(n_rows, block_m)))
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_lse, *weights, partial, *strides, *flag_strides,
                                      *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     ROUND=lse is None, num_warps=CROSS_SELF_WARPS, num_stages=STAGES)
+                                     ROUND=lse is None, BLOCK_M=block_m, num_warps=CROSS_SELF_WARPS,
+                                     num_stages=STAGES)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
         cs = cs + uniform
