@@ -15,10 +15,9 @@ position bias, and SDPA's own backend choice for these tensors (``torch._fused_s
 ``sdpa_kernel`` context is honoured) is one of those three.
 
 Grouped-query attention (fewer key/value heads than query heads: Qwen2-VL's 28 / 4) applies where
-transformers hands SDPA the grouped keys with ``enable_gqa`` (its ``use_gqa_in_sdpa``: no mask) and
-SDPA then picks flash attention, whose kernel reads each query head's key/value head itself: the
-grouped tensors go to the same aten op. The other backends expand the keys first, so GQA declines
-there.
+transformers hands SDPA the grouped keys with ``enable_gqa`` (its ``use_gqa_in_sdpa``: no mask); the
+grouped tensors then go to the aten op of the backend SDPA picks for them, as SDPA passes them
+(checked bit for bit against stock on the H200: ``tests/test_lse_attention.py``, GPU tests).
 """
 
 from __future__ import annotations
@@ -37,12 +36,11 @@ _FLASH, _EFFICIENT, _CUDNN = (int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBa
 
 def backend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> int | None:
     """The fused backend stock SDPA picks for causal attention on these tensors (``enable_gqa`` where
-    the key heads are fewer), where it is one whose aten op also returns the log-sum-exp on the tensors
-    as given (flash, memory-efficient or cuDNN on CUDA, only flash for grouped keys; flash on the CPU);
-    else None."""
+    the key heads are fewer), where it is one whose aten op also returns the log-sum-exp (flash,
+    memory-efficient or cuDNN on CUDA; flash on the CPU); else None."""
     grouped = key.shape[1] != query.shape[1]
     choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling, enable_gqa=grouped))
-    usable = (_FLASH, _EFFICIENT, _CUDNN) if query.is_cuda and not grouped else (_FLASH,)
+    usable = (_FLASH, _EFFICIENT, _CUDNN) if query.is_cuda else (_FLASH,)
     return choice if choice in usable else None
 
 
@@ -95,9 +93,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling:
     sums of exp(scaling · q·kᵀ). Call only where :func:`applies` gave a backend; ``choice``: that
     backend (None: asked of SDPA again)."""
     choice = backend(query, key, value, scaling) if choice is None else choice
-    if key.shape[1] != query.shape[1] and choice != _FLASH:
-        raise RuntimeError(f"lse_attention.attend: grouped keys ({key.shape[1]} heads for {query.shape[1]} query "
-                           f"heads) go to flash attention only, not backend {choice}; call applies() first")
     if not query.is_cuda:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
                                                                                scale=scaling)

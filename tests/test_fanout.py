@@ -11,7 +11,6 @@ kill or freeze that worker while the shard is in flight; waits poll, bounded by 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ from flows.fanout import HOLD_ENV, ShardTimeout, check_cluster, local_cluster, m
 from flows.config import SweepConfig
 from flows.sweep import run_sweep
 from storage import catalog, store
+from storage.compare import snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,24 +37,6 @@ SPEC = {"kind": "toy", "seed": 0}
 SIZES = dict(model=SPEC, budgets=(0.5,), methods=("fitprune", "fastv", "random"), calib_samples=4, eval_samples=4,
              batch_size=4, shard_size=2, source="toy")
 N_EVAL_SHARDS = 4 * 2  # (unpruned + 3 methods) x 2 shards of 2 samples
-# what differs between two runs of one sweep: ids, clocks, and the search's own timing
-_VOLATILE = {"run_id", "created_at", "wall_s"}
-
-
-def snapshot(root) -> dict[str, list[str]]:
-    """Every stored row of the sweep's tables, less what differs between two runs of one sweep."""
-    out = {}
-    for table in ("calibration_sets", "stats_layer", "stats_token", "recipes", "evaluations", "predictions"):
-        rows = []
-        for row in store.read_table(table, root).to_pylist():
-            row = {k: v for k, v in row.items() if k not in _VOLATILE}
-            if "recipe_json" in row:
-                recipe = json.loads(row["recipe_json"])
-                recipe["metadata"].pop("seconds", None)
-                row["recipe_json"] = recipe
-            rows.append(json.dumps(row, sort_keys=True, default=str))
-        out[table] = sorted(rows)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -125,10 +125,10 @@ def test_interpreted_mha_default_tiles_and_longer_keys(interpreter, kind):
 
 @interpreted
 def test_interpreted_passes_with_their_own_row_tiles(interpreter):
-    # pass 1 and pass 2 tile the rows differently (the defaults: 64 and 128); the last row block of
-    # each is partial, and pass 2's row blocks straddle pass 1's
+    # pass 1 and pass 2 tile the rows differently (from LONG_ROWS rows on, 64 and 128); the last row
+    # block of each is partial, and pass 2's row blocks straddle pass 1's
     case = _case("none", torch.float32, heads=(4, 2), bsz=2, q_len=150, kv_len=150, row_start=3)
-    _check(case, torch.float32)
+    _check(case, torch.float32, block_m=128)
     _check(case, torch.float32, block_m=32, stats_block_m=16, block_n=16, splits=2)
 
 
@@ -190,7 +190,7 @@ def _check_lse(dtype, device, q_len=50, **kw):
 @interpreted
 def test_interpreted_lse_entry_matches_float32_reference(interpreter):
     _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
-    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: BLOCK_M rows, a partial second row block
+    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: 64 rows, a partial last row block
 
 
 # tiny models with 4 query heads: LLaVA with 4 or 2 key/value heads, Qwen2-VL (GQA, M-RoPE) with 2
@@ -310,7 +310,8 @@ def test_cuda_matches_torch_path(monkeypatch, kind, dtype, heads):
     case = _case(kind, dtype, heads, q_len=333, kv_len=333, row_start=37, hd=128, device="cuda")
     _check(case, dtype)
     _check(case, dtype, block_m=16, block_n=32, splits=5)
-    _check(case, dtype, block_m=64, stats_block_m=128)  # the other way round from the defaults
+    _check(case, dtype, block_m=128, stats_block_m=64)  # LONG_ROWS' pass-2 tiles
+    _check(case, dtype, block_m=64, stats_block_m=128)
 
 
 @pytest.mark.gpu
@@ -326,8 +327,10 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
 def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_lse(torch.bfloat16, "cuda")
-    _check_lse(torch.bfloat16, "cuda", q_len=333)  # BLOCK_M-row tiles, the last one partial
-    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64)
+    _check_lse(torch.bfloat16, "cuda", q_len=333)  # 64-row tiles, the last one partial
+    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=128)
+    assert fused_scores.pass2_rows(2100 - 5) == 128  # from LONG_ROWS on, the default takes 128-row tiles
+    _check_lse(torch.bfloat16, "cuda", q_len=2100)
 
 
 @pytest.mark.gpu

@@ -645,3 +645,24 @@ def test_catalog_sql_files_are_named_after_their_views():
     assert files == sorted(set(storage.view_names()) - set(TABLES) - {"catalog_info"})
     for path in catalog.SQL_DIR.glob("*.sql"):
         assert path.read_text().lstrip().startswith("--"), f"{path.name}: start with a comment saying what it is"
+
+
+def test_compare_counts_rows_without_a_twin_and_the_command_says_so(tmp_path, capsys, monkeypatch):
+    """storage.compare: ids and clocks are not compared; a changed value, or a row stored twice in one
+    root, is a difference; the command exits 1 on any difference, 0 when every table is equal."""
+    from storage import compare
+
+    a = {"evaluations": ['{"metric": 0.5}', '{"metric": 0.7}'], "recipes": ['{"r": 1}']}
+    assert compare.differences(a, a) == {"evaluations": (2, 2, 0), "recipes": (1, 1, 0)}
+    b = {"evaluations": ['{"metric": 0.5}', '{"metric": 0.5}'], "recipes": ['{"r": 1}']}
+    assert compare.differences(a, b)["evaluations"] == (2, 2, 2)  # 0.7 missing in b, a second 0.5 in b
+    assert compare.differences(a, {"recipes": ['{"r": 1}']})["evaluations"] == (2, 0, 2)
+    row = {"run_id": "r1", "created_at": 1.0, "wall_s": 3.0, "metric": 0.5,
+           "recipe_json": '{"metadata": {"seconds": 2.0, "budget": 0.5}}'}
+    twin = dict(row, run_id="r2", created_at=9.0, wall_s=4.0, recipe_json='{"metadata": {"seconds": 7.0, "budget": 0.5}}')
+    assert compare._row_text(row) == compare._row_text(twin)
+    assert compare._row_text(row) != compare._row_text(dict(twin, metric=0.6))
+    empty = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert compare.main(empty) == 0 and "identical" in capsys.readouterr().out
+    monkeypatch.setattr(compare, "snapshot", lambda root: a if root.endswith("a") else b)
+    assert compare.main(empty) == 1 and "DIFFERENT" in capsys.readouterr().out

@@ -50,14 +50,17 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import FUSED_SCORES_ENV as ENV_VAR  # "0": the default setting is off (the pruner then uses fitprune.scoring)
 
-__all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "supported"]
+__all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "pass2_rows", "supported"]
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
-# pass 2's query rows × keys per tile. On the H200 (batch 8, bf16, scripts/bench_scores_kernel.py --tiles)
-# 128-row tiles made pass 2 on the attention's log-sum-exp 1.47x faster than 64 on LLaVA-NeXT's 2928 visual
-# tokens, 1.06x on LLaVA-1.5's 576; with pass 1 at 128 rows too, the two passes together were slower, so
-# pass 1 has its own tile rows, ROW_STATS_BLOCK_M (keys per tile: BLOCK_N)
-BLOCK_M, BLOCK_N = 128, 64
+# Tile shapes, measured on the H200 (batch 8, bf16, the first pruning layer;
+# scripts/bench_scores_kernel.py --tiles, benchmarks/h200-2026-12-04-scores-kernel.log). Pass 2's rows
+# per tile follow the scored rows: 128 from LONG_ROWS on (LLaVA-NeXT's 3003 rows: two passes 4.17 ->
+# 3.70 ms, on the attention's LSE 2.09 -> 1.45 ms against 64), else 64 (LLaVA-1.5's 651 and Qwen2-VL's
+# 1045 rows: 64 was 2-10 % faster). Pass 1 keeps 64 (at 128 both passes together were slower
+# everywhere); keys per tile: BLOCK_N.
+BLOCK_M, LONG_BLOCK_M, LONG_ROWS = 64, 128, 2048
+BLOCK_N = 64
 ROW_STATS_BLOCK_M = 64
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
@@ -322,7 +325,7 @@ def fused_cross_self(
     visual_rows: torch.Tensor,  # (B, R) bool: alive visual query rows V
     *,
     splits: int | None = None,
-    block_m: int = BLOCK_M,
+    block_m: int | None = None,
     block_n: int = BLOCK_N,
     stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +334,8 @@ def fused_cross_self(
     Equals ``scoring.cross_self(scoring.head_max_probs(query, key, mask, scaling, row_start), text_rows,
     visual_rows)`` up to float rounding. ``splits``: groups of row blocks per column block, each writing
     its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: pass 2's
-    tile rows / keys, ``stats_block_m``: pass 1's tile rows; powers of two >= 16.
+    tile rows / keys (``block_m`` None: :func:`pass2_rows`), ``stats_block_m``: pass 1's tile rows;
+    powers of two >= 16.
     """
     _check(query, key, text_rows, visual_rows, row_start)
     return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits,
@@ -347,7 +351,7 @@ def fused_cross_self_flags(
     *,
     lse: torch.Tensor | None = None,  # (B, H, Lq) float32: the layer's attention log-sum-exp (causal only)
     splits: int | None = None,
-    block_m: int = BLOCK_M,
+    block_m: int | None = None,
     block_n: int = BLOCK_N,
     stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +383,11 @@ def fused_cross_self_flags(
     return _scores(query, key, mask, scaling, row_start, None, flags, splits, (stats_block_m, block_m), block_n, lse)
 
 
+def pass2_rows(n_rows: int) -> int:
+    """Pass 2's rows per tile for ``n_rows`` scored query rows: LONG_BLOCK_M from LONG_ROWS on, else BLOCK_M."""
+    return LONG_BLOCK_M if n_rows >= LONG_ROWS else BLOCK_M
+
+
 def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
     t = t if t.stride(-1) == 1 else t.contiguous()
     return t.view(torch.uint8) if t.dtype == torch.bool else t
@@ -393,6 +402,7 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
+    block_m = pass2_rows(n_rows) if block_m is None else block_m
     device = query.device
     if n_rows == 0 or kv_len == 0:
         zeros = torch.zeros(bsz, kv_len, dtype=torch.float32, device=device)
