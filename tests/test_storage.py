@@ -659,7 +659,8 @@ def test_compare_counts_rows_without_a_twin_and_the_command_says_so(tmp_path, ca
     assert compare.differences(a, {"recipes": ['{"r": 1}']})["evaluations"] == (2, 0, 2)
     row = {"run_id": "r1", "created_at": 1.0, "wall_s": 3.0, "metric": 0.5,
            "recipe_json": '{"metadata": {"seconds": 2.0, "budget": 0.5}}'}
-    twin = dict(row, run_id="r2", created_at=9.0, wall_s=4.0, recipe_json='{"metadata": {"seconds": 7.0, "budget": 0.5}}')
+    twin = dict(row, run_id="r2", created_at=9.0, wall_s=4.0,
+                recipe_json='{"metadata": {"seconds": 7.0, "budget": 0.5}}')
     assert compare._row_text(row) == compare._row_text(twin)
     assert compare._row_text(row) != compare._row_text(dict(twin, metric=0.6))
     empty = [str(tmp_path / "a"), str(tmp_path / "b")]

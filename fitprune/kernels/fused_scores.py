@@ -54,7 +54,7 @@ __all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags",
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 # Tile shapes, measured on the H200 (batch 8, bf16, the first pruning layer;
-# scripts/bench_scores_kernel.py --tiles, benchmarks/h200-2026-12-04-scores-kernel.log). Pass 2's rows
+# scripts/bench_scores_kernel.py --tiles, benchmarks/h200-2026-12-03-s26-tiles-scores-kernel.log). Pass 2's rows
 # per tile follow the scored rows: 128 from LONG_ROWS on (LLaVA-NeXT's 3003 rows: two passes 4.17 ->
 # 3.70 ms, on the attention's LSE 2.09 -> 1.45 ms against 64), else 64 (LLaVA-1.5's 651 and Qwen2-VL's
 # 1045 rows: 64 was 2-10 % faster). Pass 1 keeps 64 (at 128 both passes together were slower
@@ -378,7 +378,8 @@ def fused_cross_self_flags(
         raise ValueError(f"inverse_counts must be (B, 2) = ({bsz}, 2) float32; got {tuple(inverse_counts.shape)} "
                          f"{inverse_counts.dtype}")
     if lse is not None and (tuple(lse.shape) != tuple(query.shape[:3]) or lse.dtype != torch.float32):
-        raise ValueError(f"lse must be (B, H, Lq) = {tuple(query.shape[:3])} float32; got {tuple(lse.shape)} {lse.dtype}")
+        raise ValueError(f"lse must be (B, H, Lq) = {tuple(query.shape[:3])} float32; got {tuple(lse.shape)} "
+                         f"{lse.dtype}")
     flags = (_flag_bytes(text), _flag_bytes(valid), _flag_bytes(visual_rows), inverse_counts.contiguous())
     return _scores(query, key, mask, scaling, row_start, None, flags, splits, (stats_block_m, block_m), block_n, lse)
 
