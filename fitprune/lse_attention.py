@@ -16,8 +16,9 @@ position bias, and SDPA's own backend choice for these tensors (``torch._fused_s
 
 Grouped-query attention (fewer key/value heads than query heads: Qwen2-VL's 28 / 4) applies where
 transformers hands SDPA the grouped keys with ``enable_gqa`` (its ``use_gqa_in_sdpa``: no mask); the
-grouped tensors then go to the aten op of the backend SDPA picks for them, as SDPA passes them
-(checked bit for bit against stock on the H200: ``tests/test_lse_attention.py``, GPU tests).
+grouped tensors then go to the aten op of the backend SDPA picks for them, as SDPA passes them.
+Checked bit for bit against stock (``tests/test_lse_attention.py``) where SDPA picked cuDNN (H200,
+bf16/fp16) and flash (CPU); grouped keys on the flash or memory-efficient CUDA ops are not yet checked.
 """
 
 from __future__ import annotations

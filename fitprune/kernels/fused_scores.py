@@ -57,7 +57,7 @@ NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 # scripts/bench_scores_kernel.py --tiles, benchmarks/h200-2026-12-03-s26-tiles-scores-kernel.log). Pass 2's rows
 # per tile follow the scored rows: 128 from LONG_ROWS on (LLaVA-NeXT's 3003 rows: two passes 4.17 ->
 # 3.70 ms, on the attention's LSE 2.09 -> 1.45 ms against 64), else 64 (LLaVA-1.5's 651 and Qwen2-VL's
-# 1045 rows: 64 was 2-10 % faster). Pass 1 keeps 64 (at 128 both passes together were slower
+# 1045 rows: 64 was 2-13 % faster, one run). Pass 1 keeps 64 (at 128 both passes together were slower
 # everywhere); keys per tile: BLOCK_N.
 BLOCK_M, LONG_BLOCK_M, LONG_ROWS = 64, 128, 2048
 BLOCK_N = 64
