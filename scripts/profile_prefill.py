@@ -12,6 +12,7 @@ The library marks its own stages with profiler ranges (``fitprune.profiling``: i
 selection, dart, compaction, reslice); the GPU time inside each is printed too, all of it included.
 
     python scripts/profile_prefill.py --geometry llava-1.5-7b --batches 1,8 --recipes 70
+    python scripts/profile_prefill.py --geometry llava-next-7b --batches 8 --recipes 40 --twins fastv,random
     python scripts/profile_prefill.py --tiny --batches 1     # tiny geometry on the CPU: a smoke run
 """
 
@@ -126,6 +127,10 @@ def main(argv=None) -> int:
     p.add_argument("--graphs", choices=("off", "on", "both"), default="off",
                    help="also profile the prefill replayed from CUDA graphs (fitprune.graph_prefill); ranges are "
                         "not seen inside a graph")
+    p.add_argument("--twins", default="",
+                   help="comma list of fastv, random: also profile, per recipe, FastV at the same FLOPs and the "
+                        "recipe's schedule with random picks (scripts/bench_gpu.py's controls): what the schedule "
+                        "costs beyond one pruning layer, and what scoring costs beyond the schedule")
     p.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "profile_prefill.json"))
     p.add_argument("--tiny", action="store_true",
                    help="a tiny geometry on the CPU (float32, aten-op CPU time instead of CUDA kernels): a smoke run")
@@ -143,6 +148,12 @@ def main(argv=None) -> int:
     geo = bench_gpu.BUILDERS[args.geometry](args.tiny, device, dtype)
     wanted = {int(b) for b in args.recipes.split(",") if b}
     recipes = [m for m in geo.recipes if round(m.budget * 100) in wanted]
+    twins = {t for t in args.twins.split(",") if t}
+    if twins - {"fastv", "random"}:
+        p.error(f"--twins takes fastv and/or random; got {args.twins!r}")
+    recipes = [twin for m in recipes for twin in (
+        [m] + ([bench_gpu._fastv_match(geo, m)] if "fastv" in twins else [])
+        + ([bench_gpu._random_twin(m)] if "random" in twins else []))]
     results = []
     kind = "aten ops (CPU)" if args.tiny else "kernels"
     span = "CPU time incl. the ops inside" if args.tiny else "GPU span incl. idle gaps"
