@@ -30,8 +30,8 @@ from fitprune.adapters import get_adapter
 from fitprune.fingerprint import fingerprint
 from fitprune.flops import ModelDims
 
-__all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "check_device", "check_weight_files", "cpu_has_bf16",
-           "default_dtype", "describe_model", "encoder_for", "load_model",
+__all__ = ["DEFAULT_DTYPE", "DTYPES", "LOCK", "MODEL_KINDS", "NATIVE_BF16_FLAGS", "check_device",
+           "check_weight_files", "cpu_has_bf16", "default_dtype", "describe_model", "encoder_for", "load_model",
            "model_and_processor", "model_info", "normalize_spec"]
 
 MODEL_KINDS = ("demo", "toy", "path")
@@ -46,10 +46,33 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# CPU flags of bf16 arithmetic in hardware: AVX512-BF16 and AMX-BF16 on x86, FEAT_BF16 ("bf16") on Arm.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def native_bf16(cpuinfo: str) -> bool | None:
+    """Whether a ``/proc/cpuinfo`` text lists bf16 arithmetic (``NATIVE_BF16_FLAGS``) on its ``flags``
+    (x86) or ``Features`` (Arm) lines; None when it has no such lines."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS) if flags else None
+
+
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively, by oneDNN's own check (AVX-512 or AMX on x86,
-    the BF16 extension on Arm). Without it bf16 is emulated: 4-5x slower than float32 on an AVX2 CPU."""
+    """Whether this CPU computes in bf16 natively, from ``/proc/cpuinfo`` (``native_bf16``). Without it
+    bf16 is emulated, and slower than float32 (README, "Time"). oneDNN's own check
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) said yes on an AVX-512 CPU without BF16, so it is
+    asked only where ``/proc/cpuinfo`` is missing (not Linux)."""
+    try:
+        native = native_bf16(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        native = None
+    if native is not None:
+        return native
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch built without oneDNN

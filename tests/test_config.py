@@ -81,6 +81,29 @@ def test_auto_dtype_follows_the_cpus_bf16_support(monkeypatch, native):
         models.normalize_spec({"kind": "demo", "dtype": "half"})
 
 
+_CPUINFO = {  # the lines that matter of /proc/cpuinfo, one core each
+    "epyc-avx2": "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n",
+    "xeon-avx512": "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                   "flags\t\t: avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni\n",
+    "sapphire-rapids": "flags\t\t: avx512f avx512bw avx512_bf16 amx_bf16 amx_tile\n",
+    "zen4": "flags\t\t: avx2 avx512f avx512_bf16\n",
+    "graviton3": "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n",
+    "neoverse-n1": "processor\t: 0\nFeatures\t: fp asimd aes crc32 atomics\n",
+    "no-flags": "processor\t: 0\nmodel name\t: unknown\n",
+}
+
+
+@pytest.mark.parametrize("cpu, native", [("epyc-avx2", False), ("xeon-avx512", False), ("sapphire-rapids", True),
+                                         ("zen4", True), ("graviton3", True), ("neoverse-n1", False),
+                                         ("no-flags", None), ("", None)])
+def test_native_bf16_reads_the_cpus_flags(cpu, native):
+    """bf16 is native only with AVX512-BF16 / AMX-BF16 (x86) or BF16 (Arm): AVX-512 alone emulates it
+    (oneDNN's check says yes there); no flag lines at all is 'unknown' (None), not 'no'."""
+    from tasks.models import native_bf16
+
+    assert native_bf16(_CPUINFO.get(cpu, cpu)) is native
+
+
 def test_each_option_reaches_its_field(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
