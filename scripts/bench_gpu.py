@@ -274,12 +274,18 @@ def _clip(image_size: int) -> CLIPVisionConfig:
                             image_size=image_size, patch_size=14, projection_dim=64)
 
 
-def build_llava(tiny: bool, device, dtype) -> Geometry:
+def llava_config(tiny: bool) -> LlavaConfig:
+    """LLaVA-1.5-7B's language model (or the tiny one) behind a small CLIP tower at 336 px (224 tiny):
+    24 x 24 = 576 visual tokens (16 x 16 = 256); the image token is the vocabulary's last id."""
     vocab = 1024 if tiny else 32000
-    image_id = vocab - 1
     size = 224 if tiny else 336  # 336 / 14 = 24 → 576 patches
-    config = LlavaConfig(vision_config=_clip(size), text_config=_llama_text(tiny, vocab), image_token_id=image_id,
-                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    return LlavaConfig(vision_config=_clip(size), text_config=_llama_text(tiny, vocab), image_token_id=vocab - 1,
+                       vision_feature_layer=-1, vision_feature_select_strategy="default")
+
+
+def build_llava(tiny: bool, device, dtype) -> Geometry:
+    config = llava_config(tiny)
+    vocab, image_id, size = config.text_config.vocab_size, config.image_token_id, config.vision_config.image_size
     t0 = time.perf_counter()
     model = _build(LlavaForConditionalGeneration, config, device, dtype)
     build_s = time.perf_counter() - t0

@@ -203,6 +203,33 @@ def test_two_sweeps_sharing_the_workers_lose_nothing(serial, cluster, tmp_path):
     assert sorted(per_run.values()) == [N_EVAL_SHARDS, N_EVAL_SHARDS]
 
 
+def test_a_random_checkpoint_with_processed_inputs_shards_its_statistics_over_the_workers(cluster, tmp_path):
+    """scripts/random_checkpoint.py (the 7B geometry's tiny twin): a path checkpoint and an hf: input set
+    that a sweep reads as it stands; its statistics, fit and evaluation on the cluster equal a serial run."""
+    made = tmp_path / "random"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "random_checkpoint.py"), str(made), "--tiny",
+                           "--samples", "6", "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--source hf:{made / 'inputs'}" in proc.stdout and "256 visual tokens" in proc.stdout
+    spec = {"kind": "path", "path": str(made / "model"), "dtype": "float32"}
+    inputs = f"hf:{made / 'inputs'}"
+    sizes = dict(model=spec, source=inputs, benchmarks=(inputs,), budgets=(0.5,), methods=("fastv",),
+                 calib_samples=6, eval_samples=6, batch_size=2, shard_size=2)
+    run_sweep(SweepConfig(data_root=str(tmp_path / "serial"), **sizes))
+    address, client = cluster
+    before = _transitions(client)
+    run_sweep(SweepConfig(data_root=str(tmp_path / "cluster"), cluster=address, **sizes))
+    serial, spread = snapshot(tmp_path / "serial"), snapshot(tmp_path / "cluster")
+    assert spread == serial
+    after = _transitions(client)
+    assert all(after[w] > before[w] for w in after), (before, after)  # both workers took shards
+    samples = set(store.read_table("stats_token", tmp_path / "cluster").column("sample").to_pylist())
+    assert len(samples) == 6 and all(s.startswith("r0-") for s in samples)  # the script's ids
+    evals = store.read_table("evaluations", tmp_path / "cluster").to_pylist()
+    assert len(evals) == 2 * 3 and {r["benchmark"] for r in evals} == {inputs}
+
+
 @pytest.mark.slow
 def test_the_flow_runs_its_task_runs_on_the_cluster(serial, cluster, harness, tmp_path):
     from prefect.client.orchestration import get_client

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# Issue 13, step 3: the --cluster code path on the one GPU the device lends (run through the device tool).
+# Issue 13: one sweep serially and on a Dask cluster of this host's GPUs (run through the device tool).
 #
 # One sweep run twice on fresh data roots: serially (`fitprune sweep --device cuda`) and on a Dask
-# cluster of 2 worker processes that share GPU 0 (`--cluster tcp://127.0.0.1:$PORT`). Prints the wall
-# times, samples GPU utilisation and memory every 500 ms during each run, and checks
-# with `python -m storage.compare` that the two roots hold the same sweep. Writes under $OUT:
-# times.txt (wall times, compare's verdict, GPU utilisation and peak memory), compare.txt,
+# cluster of $WORKERS worker processes (`--cluster tcp://127.0.0.1:$PORT`), worker i on GPU
+# (i - 1) mod $GPUS. Defaults: GPUS = the GPUs nvidia-smi lists; WORKERS = GPUS, or 2 on one GPU (two
+# workers sharing it: the code path, no scaling). Prints the wall times, samples GPU utilisation and
+# memory every 500 ms during each run, and checks with `python -m storage.compare` that the two roots
+# hold the same sweep. Writes under $OUT:
+# times.txt (wall times, compare's verdict, GPU utilisation and peak memory per GPU), compare.txt,
 # serial.out, cluster.out (the printed tables) and logs.tgz (serial.err, cluster.err, scheduler.log,
 # worker-N.log, smi-{serial,cluster}.csv): five files, because the device tool returns at most eight.
 #
-# Two workers on one GPU exercise the path (scheduler, gpu=1 resource, model cached per worker,
-# results written by the client); they show no multi-GPU scaling: both share one device.
+# A 7B geometry, where scale-out pays: `python scripts/random_checkpoint.py /tmp/r7b --samples 256` first,
+# then SWEEP_ARGS="--model /tmp/r7b/model --source hf:/tmp/r7b/inputs --benchmarks hf:/tmp/r7b/inputs ...".
 #
 # The device has torch, transformers and pyarrow, not prefect, dask or duckdb. Stage their wheels
 # first (a tar of `pip download` output for the device's Python, split in parts under 64 MiB that
 # earlier calls copy to $STAGE as cluster-part00, cluster-part01, ...), then:
-#   WHEELS_SHA256=<sha of the joined parts> SWEEP_ARGS="--source toy --model toy ..." bash scripts/gpu_cluster_one_gpu.sh
+#   WHEELS_SHA256=<sha of the joined parts> SWEEP_ARGS="--source toy --model toy ..." bash scripts/gpu_cluster.sh
 # The parts of the 2026-12-06 run (121 wheels, 69 MB; two parts of 35 MB, each carried by its own call,
 # the second within 30 s of the first so that the warm machine kept /tmp/stage):
 #   pip download --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
@@ -23,13 +25,18 @@
 #     --platform manylinux1_x86_64 --platform any -d WHEELS "prefect-dask==0.3.7" "distributed>=2026.7,<2027" \
 #     "duckdb>=2.0.1,<3" "prefect>=3.9,<4"
 #   tar cf cluster.tar -C WHEELS . && split -b 35m -d cluster.tar cluster-part && sha256sum cluster.tar
+# (the 7B run's hf: inputs need `datasets` too: add "datasets>=3" to that download; not yet run there)
 # On a CPU machine with the cluster extras installed, DEVICE=cpu SKIP_INSTALL=1 runs the same steps.
 set -euo pipefail
 OUT=${OUT:-runs/gpu-cluster}
 STAGE=${WHEELS_DIR:-/tmp/stage}
 DEVICE=${DEVICE:-cuda}
 PORT=${PORT:-8786}
-WORKERS=${WORKERS:-2}
+if [ -z "${GPUS:-}" ]; then
+  GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [ "$GPUS" -ge 1 ] || GPUS=1
+fi
+if [ "$GPUS" -gt 1 ]; then WORKERS=${WORKERS:-$GPUS}; else WORKERS=${WORKERS:-2}; fi
 PY=${PYTHON:-python3}
 SWEEP_ARGS=${SWEEP_ARGS:---source toy --model toy --budgets 0.3,0.5,0.7,0.85}
 mkdir -p "$OUT"
@@ -80,7 +87,7 @@ run serial "$ROOTS/serial"
 $PY -m distributed.cli.dask_scheduler --host 127.0.0.1 --port "$PORT" --no-dashboard > "$OUT/scheduler.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 "$WORKERS"); do
-  CUDA_VISIBLE_DEVICES=0 DASK_CONFIG=flows/dask $PY -m distributed.cli.dask_worker "tcp://127.0.0.1:$PORT" \
+  CUDA_VISIBLE_DEVICES=$(( (i - 1) % GPUS )) DASK_CONFIG=flows/dask $PY -m distributed.cli.dask_worker "tcp://127.0.0.1:$PORT" \
     --nworkers 1 --nthreads 1 --resources gpu=1 --no-dashboard > "$OUT/worker-$i.log" 2>&1 &
   pids+=($!)
 done
