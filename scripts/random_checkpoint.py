@@ -51,15 +51,13 @@ def write_inputs(columns: dict, out: Path) -> None:
     """The columns as a ``datasets`` directory (what the sweep's ``hf:`` source reads)."""
     import datasets
 
-    n, size = columns["pixel_values"].shape[0], columns["pixel_values"].shape[-1]
+    size = columns["pixel_values"].shape[-1]
     features = datasets.Features({
         "id": datasets.Value("string"),
         "input_ids": datasets.Sequence(datasets.Value("int64")),
         "pixel_values": datasets.Array3D(shape=(3, size, size), dtype="float32"),
     })
-    data = datasets.Dataset.from_dict(columns, features=features)
-    data.save_to_disk(str(out))
-    assert len(data) == n
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(out))
 
 
 def main(argv=None) -> int:
@@ -94,13 +92,14 @@ def main(argv=None) -> int:
     model.save_pretrained(out / "model")
     del model
     t1 = time.perf_counter()
-    print(f"model: {n_params / 1e6:,.1f} M parameters, {str(dtype).removeprefix('torch.')}, {n_visual} visual tokens → {out / 'model'} "
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"model: {n_params / 1e6:,.1f} M parameters, {dtype_name}, {n_visual} visual tokens → {out / 'model'} "
           f"({t1 - t0:.1f} s)", flush=True)
     write_inputs(random_inputs(args.samples, vocab, image_id, n_visual, size, args.seed), out / "inputs")
     print(f"inputs: {args.samples} samples of {bench_gpu.N_SYSTEM + n_visual + bench_gpu.N_TEXT} tokens → "
           f"{out / 'inputs'} ({time.perf_counter() - t1:.1f} s)")
     print(f"sweep them: fitprune sweep --model {out / 'model'} --source hf:{out / 'inputs'} "
-          f"--benchmarks hf:{out / 'inputs'} --device {device.type} --dtype {str(dtype).removeprefix('torch.')} ...")
+          f"--benchmarks hf:{out / 'inputs'} --device {device.type} --dtype {dtype_name} ...")
     return 0
 
 
