@@ -6,7 +6,7 @@ H = query heads, Hkv = key/value heads, Lc = tokens alive entering the layer, R 
 * ``fitprune`` (paper §3, DESIGN.md §2): head-max attention A; cross score
   c_v = mean_{t∈T} A[t, v] over the text rows after the last visual token, self score
   s_v = mean_{i∈V} A[i, v] over the alive visual rows (causal, zeros counted); drop the lowest c·s.
-* ``fastv``: the last token's head-mean attention (FastV, Chen et al. 2024); drop the lowest.
+* ``fastv``: the last real token's head-mean attention (FastV, Chen et al. 2024); drop the lowest.
 * ``random``: seeded uniform scores (a control).
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self", "takes_counts", "use_fused"]
+__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self",
+           "takes_counts", "use_fused"]
 
 # Work memory for one head chunk of attention probabilities (float32 elements, 512 MiB).
 CHUNK_ELEMENTS = 128 * 1024 * 1024
@@ -89,10 +90,30 @@ def cross_self(
     return c, s
 
 
-def fastv_scores(query, key, mask, scaling) -> torch.Tensor:
-    """FastV: head-mean attention from the last query row, (B, Lkv)."""
+def _row_mask(mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+    """The attention mask of one query row per sample (``rows`` (B,) long), as a 4D mask (B, 1, 1, Lkv)
+    of ``mask``'s kind (bool or additive float; None and 2D padding masks become causal bool rows)."""
+    bsz = rows.shape[0]
+    if mask is not None and mask.dim() == 4:
+        full = mask[:, 0].expand(bsz, q_len, mask.shape[-1])
+        return full.gather(1, rows.view(bsz, 1, 1).expand(bsz, 1, mask.shape[-1]))[:, None]
+    keys = torch.arange(kv_len, device=rows.device)
+    allowed = keys[None, :] <= (rows + (kv_len - q_len))[:, None]  # causal, (B, Lkv)
+    if mask is not None:  # FlashAttention padding mask (B, Lkv): 1 = real token
+        allowed = allowed & mask.bool()
+    return allowed[:, None, None, :]
+
+
+def fastv_scores(query, key, mask, scaling, last_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """FastV: head-mean attention from each sample's last query row, (B, Lkv). ``last_rows`` (B,) long:
+    that row per sample, its last real token (a right-padded sample ends in padding rows); None: the
+    last row of the batch for every sample (left padding or none)."""
     q_len = query.shape[2]
-    return head_max_probs(query, key, mask, scaling, row_start=q_len - 1, reduce="mean")[:, 0]
+    if last_rows is None:
+        return head_max_probs(query, key, mask, scaling, row_start=q_len - 1, reduce="mean")[:, 0]
+    bsz, n_heads, _, head_dim = query.shape
+    rows = query.gather(2, last_rows.view(bsz, 1, 1, 1).expand(bsz, n_heads, 1, head_dim))  # (B, H, 1, hd)
+    return head_max_probs(rows, key, _row_mask(mask, last_rows, q_len, key.shape[2]), scaling, reduce="mean")[:, 0]
 
 
 def random_scores(shape: tuple[int, int], seed: int, layer: int, device) -> torch.Tensor:

@@ -154,11 +154,9 @@ def test_right_padded_batch_is_refused_for_tokens_2(llava_padded):
         reference(model, [right], tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug (scoring.py fastv_scores, used by prune.py): FastV scores come from the last query row, "
-    "which on a right-padded sample is a padding row, so a right-padded batch drops other tokens than the "
-    "same samples alone and divergence() of a FastV recipe depends on the padding side"))
 def test_right_padded_batch_equals_per_sample_fastv_scoring(llava_padded):
+    """FastV scores from each sample's last real token, so a right-padded batch drops what each sample
+    alone does (it used to score from the last row, a padding row on the shorter sample)."""
     model, _, right, singles = llava_padded
     recipe = fitprune.baselines.fastv(4, layer=2, ratio=0.7)
     d_right = divergence(model, [right], recipe, reference(model, [right]))

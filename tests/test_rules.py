@@ -67,3 +67,28 @@ def test_the_engine_dispatches_through_the_registry(monkeypatch):
     k = recipe.drop_counts(len(visual))[1]
     assert calls == [1] and k > 0
     assert report.dropped[0][1] == visual[-k:]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "flash2d", "bool4d", "float4d"])
+def test_fastv_scores_from_each_samples_own_last_row(mask_kind):
+    """``last_rows`` at the batch's last row reproduces the old last-row scores bit for bit (left padding,
+    every mask form); an earlier row per sample (right padding) scores as that sample's prefix alone."""
+    from fitprune import scoring
+
+    gen = torch.Generator().manual_seed(0)
+    bsz, heads, kv_heads, q_len, hd = 2, 4, 2, 9, 8
+    query, key = torch.randn(bsz, heads, q_len, hd, generator=gen), torch.randn(bsz, kv_heads, q_len, hd, generator=gen)
+    real = torch.ones(bsz, q_len, dtype=torch.bool)
+    real[1, 6:] = False  # sample 1: 6 real tokens, then right padding
+    causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    allowed = causal[None] & real[:, None, :]
+    mask = {"none": None, "flash2d": real.long(), "bool4d": allowed[:, None],
+            "float4d": torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]}[mask_kind]
+    old = scoring.fastv_scores(query, key, mask, 0.3)
+    last = torch.full((bsz,), q_len - 1)
+    assert torch.equal(scoring.fastv_scores(query, key, mask, 0.3, last), old)
+    own = scoring.fastv_scores(query, key, mask, 0.3, torch.tensor([q_len - 1, 5]))
+    assert torch.equal(own[0], old[0])
+    alone = scoring.fastv_scores(query[1:, :, :6], key[1:, :, :6], None, 0.3)[0]  # sample 1 unpadded
+    torch.testing.assert_close(own[1, :6], alone, rtol=1e-6, atol=1e-7)
+    assert torch.all(own[1, 6:] == 0) and not torch.allclose(own[1], old[1])
