@@ -91,8 +91,9 @@ if [[ " $RUNS " == *" cluster "* ]]; then
 $PY -m distributed.cli.dask_scheduler --host 127.0.0.1 --port "$PORT" --no-dashboard > "$OUT/scheduler.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 "$WORKERS"); do
-  CUDA_VISIBLE_DEVICES=$(( (i - 1) % GPUS )) DASK_CONFIG=flows/dask $PY -m distributed.cli.dask_worker "tcp://127.0.0.1:$PORT" \
-    --nworkers 1 --nthreads 1 --resources gpu=1 --no-dashboard > "$OUT/worker-$i.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$(( (i - 1) % GPUS )) DASK_CONFIG=flows/dask \
+    $PY -m distributed.cli.dask_worker "tcp://127.0.0.1:$PORT" --nworkers 1 --nthreads 1 --resources gpu=1 \
+    --no-dashboard > "$OUT/worker-$i.log" 2>&1 &
   pids+=($!)
 done
 $PY - "$PORT" "$WORKERS" <<'PY'
@@ -115,7 +116,8 @@ fi
 for name in serial cluster; do
   if [ -s "$OUT/smi-$name.csv" ]; then  # mean utilisation and peak memory per GPU while the sweep ran
     awk -F', ' -v n="$name" '{u[$2]+=$3; c[$2]++; m=$4+0; if (m>p[$2]) p[$2]=m}
-      END {for (g in u) printf "%s gpu %s mean util %.1f %% over %d samples, peak memory %d MiB\n", n, g, u[g]/c[g], c[g], p[g]}' \
+      END {for (g in u) printf "%s gpu %s mean util %.1f %% over %d samples, peak memory %d MiB\n",
+                               n, g, u[g]/c[g], c[g], p[g]}' \
       "$OUT/smi-$name.csv" | tee -a "$OUT/times.txt"
   fi
 done
