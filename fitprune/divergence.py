@@ -31,6 +31,7 @@ from .apply import apply, last_report
 from .flops import ModelDims, prefill_flops
 from .evaluation.harness import eos_ids
 from .recipe import Recipe
+from .scoring import last_true
 
 __all__ = ["Divergence", "NonFiniteDivergence", "Reference", "divergence", "reference"]
 
@@ -92,8 +93,7 @@ def _last_positions(inputs: Mapping) -> torch.Tensor:
     mask = inputs.get("attention_mask")
     if mask is None:
         return torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), pos, -1).max(dim=1).values
+    return last_true(mask.bool())
 
 
 def _check_batches(batches: Sequence) -> list:

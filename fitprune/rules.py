@@ -136,9 +136,7 @@ def _fitprune_scores(ctx: AttentionContext) -> torch.Tensor:
 def _fastv_scores(ctx: AttentionContext) -> torch.Tensor:
     """FastV's row is each sample's last real token: the last slot on a left-padded batch, earlier on a
     right-padded one (found on the device, no host sync, so graphs capture it)."""
-    live = ctx.state.real & ctx.state.valid
-    slots = torch.arange(live.shape[1], device=live.device)
-    last_rows = torch.where(live, slots, -1).amax(1)
+    last_rows = scoring.last_true(ctx.state.real & ctx.state.valid)
     return scoring.fastv_scores(ctx.query, ctx.key, ctx.mask, ctx.scaling, last_rows)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["head_max_probs", "cross_self", "fastv_scores", "random_scores", "select_drops", "state_cross_self",
-           "takes_counts", "use_fused"]
+__all__ = ["head_max_probs", "cross_self", "fastv_scores", "last_true", "random_scores", "select_drops",
+           "state_cross_self", "takes_counts", "use_fused"]
 
 # Work memory for one head chunk of attention probabilities (float32 elements, 512 MiB).
 CHUNK_ELEMENTS = 128 * 1024 * 1024
@@ -88,6 +88,13 @@ def cross_self(
     c = torch.einsum("brk,br->bk", probs, t) / t.sum(1, keepdim=True).clamp(min=1)
     s = torch.einsum("brk,br->bk", probs, v) / v.sum(1, keepdim=True).clamp(min=1)
     return c, s
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) long: the index of each row's last True in ``mask`` (B, L) bool (-1 where none), on the
+    device with no host sync: each sample's last real token under left or right padding."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, positions, -1).amax(1)
 
 
 def _row_mask(mask: torch.Tensor | None, rows: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:

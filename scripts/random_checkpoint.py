@@ -39,9 +39,9 @@ def random_inputs(n: int, vocab: int, image_id: int, n_visual: int, image_size: 
     ids, tokens, pixels = [], [], np.empty((n, 3, image_size, image_size), dtype=np.float32)
     for i in range(n):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        system = torch.randint(10, vocab - 10, (bench_gpu.N_SYSTEM,), generator=gen)
-        question = torch.randint(10, vocab - 10, (bench_gpu.N_TEXT,), generator=gen)
-        tokens.append(torch.cat([system, torch.full((n_visual,), image_id), question]).numpy())
+        system = bench_gpu._text_ids(gen, bench_gpu.N_SYSTEM, vocab - 10)  # as bench_gpu's own inputs
+        question = bench_gpu._text_ids(gen, bench_gpu.N_TEXT, vocab - 10)
+        tokens.append(np.array(system + [image_id] * n_visual + question, dtype=np.int64))
         pixels[i] = torch.randn(3, image_size, image_size, generator=gen).numpy()
         ids.append(f"r{seed}-{i}")
     return {"id": ids, "input_ids": np.stack(tokens), "pixel_values": pixels}
