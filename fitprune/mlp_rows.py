@@ -12,10 +12,15 @@ zero tensor and scatters into it at every pruning layer.
 
 Folded path, for decoder layers whose forward ends ``h = self.mlp(h); h = residual + h; return h``
 (:func:`feeds_residual`: LLaMA, Mistral, Qwen2, Qwen2-VL and Qwen2.5-VL in transformers 5.x): the MLP
-hook hands the layer a broadcast zero (no memory, no kernel), so the layer returns the residual
-itself; the survivors' rows of the residual are gathered and the MLP rows added to them. The sum is
-bit for bit the generic path's (``x + 0 == x``); it saves the zero fill and the scatter of one
-full-length hidden tensor per pruning layer.
+hook hands the layer :func:`survivors`, a broadcast zero (no memory, no kernel) that carries the MLP
+rows and the survivors' slots. The layer's own last step, ``residual + h``, then gathers the
+survivors' rows of the residual and adds the MLP rows to them, and the layer returns the compacted
+rows. Against the generic path this saves the zero fill, the scatter, the full-length sum and the
+gather of the sum: one gather and one add of the survivors' rows are left. Each value is the stock
+sum of the same two numbers (the generic path's equal too, up to the sign of a zero: ``-0 + 0``).
+Should anything else be done with the stand-in, it behaves as the broadcast zero, the layer returns
+the full-length residual, and the pruner gathers and adds after the layer (:attr:`Survivors.taken`
+tells it which happened).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["feeds_residual", "full_length", "stand_in"]
+from .profiling import stage
+from .rows import put_rows, take_rows
+
+__all__ = ["Survivors", "feeds_residual", "full_length", "stand_in", "survivors"]
 
 
 @functools.cache
@@ -50,8 +58,7 @@ def feeds_residual(layer: nn.Module, mlp_attr: str = "mlp") -> bool:
 
 def full_length(rows: torch.Tensor, sel: torch.Tensor, length: int) -> torch.Tensor:
     """Generic path: the MLP's survivor rows (B, Lc, D) scattered into zeros of (B, length, D)."""
-    full = rows.new_zeros(rows.shape[0], length, rows.shape[-1])
-    return full.scatter(1, sel[..., None].expand(-1, -1, rows.shape[-1]), rows)
+    return put_rows(rows, sel, length)
 
 
 def stand_in(rows: torch.Tensor, length: int, zero: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,3 +66,38 @@ def stand_in(rows: torch.Tensor, length: int, zero: torch.Tensor | None = None) 
     0-d zero of ``rows``' dtype and device made earlier (none is filled now: one launch fewer)."""
     zero = rows.new_zeros(()) if zero is None else zero
     return zero.expand(rows.shape[0], length, rows.shape[-1])
+
+
+_ADDS = {torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add, torch.add}
+
+
+class Survivors(torch.Tensor):
+    """The folded MLP output of a pruning layer (:func:`survivors`): a broadcast zero of (B, L, D) whose
+    sum with a full-length tensor is that tensor's survivor rows plus the MLP rows, (B, Lc, D). Any
+    other operation sees the plain broadcast zero. ``taken`` turns True when the sum was taken."""
+
+    rows: torch.Tensor
+    sel: torch.Tensor
+    taken: bool
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _ADDS and not kwargs and len(args) == 2:
+            a, b = args
+            me, other = (a, b) if isinstance(a, Survivors) else (b, a)
+            if (isinstance(me, Survivors) and not isinstance(other, Survivors) and isinstance(other, torch.Tensor)
+                    and other.shape == me.shape and other.dtype == me.rows.dtype):
+                me.taken = True
+                with torch._C.DisableTorchFunctionSubclass(), stage("compaction"):
+                    return take_rows(other, me.sel) + me.rows
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+def survivors(rows: torch.Tensor, sel: torch.Tensor, length: int, zero: torch.Tensor | None = None) -> Survivors:
+    """Folded path: the MLP rows (B, Lc, D) of the survivors ``sel`` (B, Lc), handed to the layer as a
+    broadcast zero of (B, ``length``, D) that compacts the layer's residual sum (:class:`Survivors`).
+    ``zero``: as in :func:`stand_in`."""
+    out = torch.Tensor._make_subclass(Survivors, stand_in(rows, length, zero))
+    out.rows, out.sel, out.taken = rows, sel, False
+    return out

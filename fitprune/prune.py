@@ -44,6 +44,7 @@ from .profiling import stage
 from .prune_report import PruneReport, report_of
 from .recipe import Recipe, RecipeError
 from .reslice import decode_mask, layer_kwargs
+from .rows import put_rows, take_rows
 
 __all__ = ["Probe", "Pruner", "PruneReport", "cache_of"]
 
@@ -105,7 +106,7 @@ class Pruner:
         self._step_masks: dict = {}
         self._observed: list[nn.Module] = []
         self._fold_mlp: set[int] = set()  # pruning layers whose MLP rows are added after the layer (mlp_rows)
-        self._mlp_out: dict[int, torch.Tensor] = {}  # their MLP rows, from the MLP's hook to the layer's
+        self._mlp_out: dict[int, mlp_rows.Survivors] = {}  # their MLP rows, from the MLP's hook to the layer's
         self._fold_now = True  # False in a call that records hidden states
         self._fused_select: dict[int, dict] = {}  # a layer's selection and new state from one kernel (fused_select)
 
@@ -329,7 +330,7 @@ class Pruner:
             sel, _ = self._selection(state, i)
             x = args[0]
             with stage("compaction"):
-                return (torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])), *args[1:])
+                return (take_rows(x, sel), *args[1:])
 
         return hook
 
@@ -338,10 +339,11 @@ class Pruner:
             state = self.prefill
             if state is None or i not in state.pending:
                 return None
-            if self._fold_now and i in self._fold_mlp:  # the layer returns its residual; the rows are added in _layer_post
-                self._mlp_out[i] = output
-                return mlp_rows.stand_in(output, state.idx.shape[1], self.constants.zero(output))
             sel, _ = self._selection(state, i)
+            if self._fold_now and i in self._fold_mlp:  # the layer's residual sum takes the survivors (mlp_rows)
+                self._mlp_out[i] = out = mlp_rows.survivors(output, sel, state.idx.shape[1],
+                                                            self.constants.zero(output))
+                return out
             with stage("compaction"):
                 return mlp_rows.full_length(output, sel, state.idx.shape[1])
 
@@ -352,21 +354,27 @@ class Pruner:
             state = self.prefill
             if state is None or i not in state.pending:
                 return None
-            hidden = self.compact(state, i, output[0] if isinstance(output, tuple) else output)
-            rows = self._mlp_out.pop(i, None)
-            if rows is not None:
-                with stage("compaction"):
-                    hidden = hidden + rows  # the survivors' residual + their MLP rows (mlp_rows)
+            folded = self._mlp_out.pop(i, None)
+            hidden = output[0] if isinstance(output, tuple) else output
+            if folded is not None and folded.taken:  # the layer returned the survivors' rows (mlp_rows.survivors)
+                hidden = self.compact(state, i, hidden, gathered=True)
+            else:
+                hidden = self.compact(state, i, hidden)
+                if folded is not None:  # the layer returned its full residual: add the MLP rows here
+                    with stage("compaction"):
+                        hidden = hidden + folded.rows
             return _replace_output(output, hidden)
 
         return hook
 
-    def compact(self, state: PrefillState, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Remove the pending drops of layer ``i`` (-1: before layer 0) from ``hidden`` and the state."""
+    def compact(self, state: PrefillState, i: int, hidden: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+        """Remove the pending drops of layer ``i`` (-1: before layer 0) from ``hidden`` and the state.
+        ``gathered``: ``hidden`` holds the survivors' rows already; only the state is compacted."""
         sel, new_valid = self._selection(state, i)
         with stage("compaction"):
             drop, counts = state.pending.pop(i)
-            hidden = torch.gather(hidden, 1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
+            if not gathered:
+                hidden = take_rows(hidden, sel)
             fused = self._fused_select.pop(i, None)
             if fused is not None:  # laid out by the selection kernel
                 state.dropped_positions[i] = fused["dropped"]
@@ -392,6 +400,4 @@ class Pruner:
             return None
         with stage("compaction"):
             # slot positions are distinct per sample; invalid slots write zeros at dropped positions
-            full = output.new_zeros(output.shape[0], state.input_len, output.shape[-1])
-            src = output * state.valid[..., None].to(output.dtype)
-            return full.scatter(1, state.idx[..., None].expand(-1, -1, output.shape[-1]), src)
+            return put_rows(output * state.valid[..., None].to(output.dtype), state.idx, state.input_len)

@@ -9,7 +9,7 @@ gather/scatter/index, norm/elementwise, other) with the top kernels. A JSON of t
 ``--out``. The "fused scoring" and "sort/select" categories are fitprune's scoring and selection
 kernels (the stock model runs no sorts); the small elementwise kernels around them count elsewhere.
 The library marks its own stages with profiler ranges (``fitprune.profiling``: input_stage, scoring,
-selection, dart, compaction, reslice); the GPU time inside each is printed too, all of it included.
+selection, dart, compaction, reslice); the kernel time launched inside each, and its top kernels, are printed too.
 
     python scripts/profile_prefill.py --geometry llava-1.5-7b --batches 1,8 --recipes 70
     python scripts/profile_prefill.py --geometry llava-next-7b --batches 8 --recipes 40 --twins fastv,random
@@ -108,14 +108,42 @@ def _profile(model, inputs, repeats: int) -> dict:
     for name, ms in by_kernel.items():
         by_cat[category(name)] += ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
-    ranges = {key: 0.0 for key in RANGES}
-    for avg in prof.key_averages():
-        for key, name in RANGES.items():
-            if avg.key == name:
-                ranges[key] += (avg.device_time_total if cuda else avg.cpu_time_total) / 1e3 / repeats
+    ranges, range_kernels = _range_times(prof, cuda, repeats)
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
+            "range_kernels": range_kernels,
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
             "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
+
+
+def _range_times(prof, cuda: bool, repeats: int) -> tuple[dict, dict]:
+    """Per fitprune range: the time of the kernels launched inside it (on the CPU: the aten ops' self
+    time), ms per prefill, and its top kernels. Read from the host-side range events and their
+    children, so GPU-side annotation spans (which include idle gaps) are not counted."""
+    names = {name: key for key, name in RANGES.items()}
+    ranges = {key: 0.0 for key in RANGES}
+    per_kernel: dict[str, dict[str, list]] = {key: defaultdict(lambda: [0.0, 0]) for key in RANGES}
+
+    def walk(evt, key):
+        if cuda:
+            for k in evt.kernels:
+                per_kernel[key][k.name][0] += k.duration / 1e3 / repeats
+                per_kernel[key][k.name][1] += 1
+        elif evt.name.startswith("aten::") and evt.self_cpu_time_total > 0:
+            per_kernel[key][evt.name][0] += evt.self_cpu_time_total / 1e3 / repeats
+            per_kernel[key][evt.name][1] += 1
+        for child in evt.cpu_children:
+            walk(child, key)
+
+    for evt in prof.events():
+        key = names.get(evt.name)
+        if key is not None and evt.device_type == torch.autograd.DeviceType.CPU:
+            walk(evt, key)
+    out = {}
+    for key, kernels in per_kernel.items():
+        ranges[key] = sum(ms for ms, _ in kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6]
+        out[key] = [(name[:90], ms, n / repeats) for name, (ms, n) in top]
+    return ranges, out
 
 
 def main(argv=None) -> int:
@@ -156,7 +184,7 @@ def main(argv=None) -> int:
         + ([bench_gpu._random_twin(m)] if "random" in twins else []))]
     results = []
     kind = "aten ops (CPU)" if args.tiny else "kernels"
-    span = "CPU time incl. the ops inside" if args.tiny else "GPU span incl. idle gaps"
+    span = "aten ops' self CPU time inside" if args.tiny else "kernel time inside"
     for batch in [int(b) for b in args.batches.split(",") if b]:
         inputs = geo.make_inputs(batch)
         configs = [("unpruned", None)] + [(m.label, m.recipe) for m in recipes]
@@ -178,6 +206,9 @@ def main(argv=None) -> int:
                 share = {k: 100 * v / res["kernel_ms"] for k, v in res["fitprune_ranges_ms"].items()}
                 print(f"   fitprune ranges ({span}): " + ", ".join(
                     f"{k} {v:.2f} ms ({share[k]:.1f} %)" for k, v in res["fitprune_ranges_ms"].items() if v))
+                for key, top in res["range_kernels"].items():
+                    for name, ms, n in top:
+                        print(f"     {key:<12} {ms:7.2f} ms  x{n:<5.0f} {name}")
             for cat, ms in sorted(res["by_category"].items(), key=lambda kv: -kv[1]):
                 print(f"   {cat:<22} {ms:8.2f} ms  {100 * ms / res['kernel_ms']:5.1f} %")
             for name, ms, n in res["top"]:

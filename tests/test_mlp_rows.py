@@ -84,3 +84,40 @@ def test_folded_mlp_is_bit_identical_to_the_scatter_path(family):
     assert torch.equal(gen.sequences, ref_gen.sequences)
     for x, y in zip(gen.logits, ref_gen.logits):
         assert torch.equal(x, y)
+
+
+def test_the_stand_in_compacts_the_residual_sum_and_is_a_zero_elsewhere():
+    gen = torch.Generator().manual_seed(0)
+    residual = torch.randn(2, 6, 8, generator=gen).to(torch.bfloat16)
+    rows = torch.randn(2, 4, 8, generator=gen).to(torch.bfloat16)
+    sel = torch.tensor([[0, 2, 3, 5], [1, 2, 4, 5]])
+    s = mlp_rows.survivors(rows, sel, 6)
+    assert s.shape == (2, 6, 8) and not s.taken
+    doubled = s * 2  # anything but the residual sum: the broadcast zero, as a plain tensor
+    assert type(doubled) is torch.Tensor and doubled.shape == (2, 6, 8) and not doubled.any() and not s.taken
+    out = residual + s  # the layer's last step
+    assert s.taken and type(out) is torch.Tensor and out.shape == (2, 4, 8)
+    want = torch.gather(residual, 1, sel[..., None].expand(-1, -1, 8)) + rows
+    assert torch.equal(out, want)
+    assert torch.equal(mlp_rows.survivors(rows, sel, 6) + residual, want)  # either order
+    wrong = mlp_rows.survivors(rows, sel, 6)
+    plain = residual.float() + wrong  # not the layer's residual (another dtype): the plain zero's sum
+    assert plain.shape == (2, 6, 8) and torch.equal(plain, residual.float()) and not wrong.taken
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_layers_return_the_survivors_rows_themselves(family, monkeypatch):
+    made = []
+    real = mlp_rows.survivors
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(mlp_rows, "survivors", spy)
+    model, make = FACTORIES[family]()
+    a, _ = IMAGES[family]
+    batch = make([(5, a, 7), (3, a, 4)])
+    with fitprune.apply(model, Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), scoring="fitprune")) as m, torch.no_grad():
+        m(**batch)
+    assert len(made) == 2 and all(s.taken for s in made)  # both pruning layers' sums took the survivors
