@@ -5,7 +5,9 @@ A pruning layer gathers the survivors' rows of a (B, L, D) bf16 tensor twice. Th
 each way of doing it at the geometries of ``scripts/bench_gpu.py`` (batch 8, the first pruning layer:
 every slot in, the recipe's survivors out), median of ``--iters`` CUDA-event timings, and prints each
 as a ratio against ``torch.gather`` with the index broadcast over D (the engine's way before
-``take_rows``), with the bandwidth reached. Every way is checked to give the same bits first.
+``take_rows``), with the bandwidth reached. Every way is checked to give the same bits first. The JSON's
+rows load into the ``benchmarks`` table (``fitprune import-benchmarks``): metric ``row_gather_ms``,
+``ratio_vs_unpruned`` holding the ratio against ``torch.gather`` in the same run.
 
     python scripts/bench_row_gather.py                      # on a CUDA machine
     python scripts/bench_row_gather.py --device cpu --iters 5   # a smoke run
@@ -19,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run it through the device tool, or pass --device cpu for a smoke run")
     results = []
+    meta = dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"), dtype="bfloat16")
     for name, (bsz, slots, dim, kept) in SHAPES.items():
         if device.type == "cpu":
             bsz, slots, kept = 2, slots // 8, kept // 8
@@ -94,15 +99,13 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{way} gathers other bits than torch.gather at {name}")
             ms = time_ms(lambda: fn(x, sel), args.iters, device)
             base = ms if base is None else base
-            row = dict(geometry=name, way=way, batch=bsz, slots=slots, kept=kept, dim=dim, ms=ms,
-                       ratio_vs_gather=ms / base, gb_per_s=moved / ms / 1e6)
-            results.append(row)
-            print(f"{name:<14} {way:<18} {ms:8.4f} ms  {ms / base:5.2f} x gather  {row['gb_per_s']:7.0f} GB/s",
+            results.append(dict(meta, geometry=name, batch=bsz, method="row-gather", label=way,
+                                recipe=f"{slots} slots -> {kept} kept, D {dim}", metric="row_gather_ms", unit="ms",
+                                value=ms, ratio_vs_unpruned=ms / base, gb_per_s=moved / ms / 1e6))
+            print(f"{name:<14} {way:<18} {ms:8.4f} ms  {ms / base:5.2f} x gather  {moved / ms / 1e6:7.0f} GB/s",
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda"
-                                                             else "cpu"), torch=torch.__version__,
-                                              rows=results), indent=1))
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=results), indent=1))
     return 0
 
 
