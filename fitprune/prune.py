@@ -10,7 +10,8 @@ DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one mo
 * scoring attention (``fitprune.attention``) at layers with a nonzero entry: score alive visual
   tokens on the layer's post-RoPE queries/keys and pick the ones to drop;
 * MLP pre/post hooks of that layer: the MLP runs on the survivors only (:mod:`fitprune.mlp_rows`:
-  its rows are added to the residual's after the layer, or scattered back for the stock add);
+  the layer's own residual sum takes the survivors' rows and adds the MLP rows, or they are scattered
+  back for the stock add); rows move as 8-byte words (:mod:`fitprune.rows`);
 * layer post-hook: the layer output keeps only the survivors. The layer's own KV cache was written
   before the drop, so it keeps them (they were keys/values in layer l);
 * pre-hooks of later layers: the attention mask, cos/sin and position ids are re-sliced to the
@@ -105,7 +106,7 @@ class Pruner:
         self._handles: list = []
         self._step_masks: dict = {}
         self._observed: list[nn.Module] = []
-        self._fold_mlp: set[int] = set()  # pruning layers whose MLP rows are added after the layer (mlp_rows)
+        self._fold_mlp: set[int] = set()  # pruning layers whose residual sum takes the survivors (mlp_rows)
         self._mlp_out: dict[int, mlp_rows.Survivors] = {}  # their MLP rows, from the MLP's hook to the layer's
         self._fold_now = True  # False in a call that records hidden states
         self._fused_select: dict[int, dict] = {}  # a layer's selection and new state from one kernel (fused_select)
@@ -341,9 +342,8 @@ class Pruner:
                 return None
             sel, _ = self._selection(state, i)
             if self._fold_now and i in self._fold_mlp:  # the layer's residual sum takes the survivors (mlp_rows)
-                self._mlp_out[i] = out = mlp_rows.survivors(output, sel, state.idx.shape[1],
-                                                            self.constants.zero(output))
-                return out
+                self._mlp_out[i] = mlp_rows.survivors(output, sel, state.idx.shape[1], self.constants.zero(output))
+                return self._mlp_out[i]
             with stage("compaction"):
                 return mlp_rows.full_length(output, sel, state.idx.shape[1])
 
@@ -355,14 +355,11 @@ class Pruner:
             if state is None or i not in state.pending:
                 return None
             folded = self._mlp_out.pop(i, None)
-            hidden = output[0] if isinstance(output, tuple) else output
-            if folded is not None and folded.taken:  # the layer returned the survivors' rows (mlp_rows.survivors)
-                hidden = self.compact(state, i, hidden, gathered=True)
-            else:
-                hidden = self.compact(state, i, hidden)
-                if folded is not None:  # the layer returned its full residual: add the MLP rows here
-                    with stage("compaction"):
-                        hidden = hidden + folded.rows
+            taken = folded is not None and folded.taken  # the layer returned the survivors' rows (mlp_rows)
+            hidden = self.compact(state, i, output[0] if isinstance(output, tuple) else output, gathered=taken)
+            if folded is not None and not taken:  # the layer returned its full residual: add the MLP rows here
+                with stage("compaction"):
+                    hidden = hidden + folded.rows
             return _replace_output(output, hidden)
 
         return hook

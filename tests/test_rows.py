@@ -72,7 +72,8 @@ def test_put_rows_is_a_scatter_into_zeros(dtype, dim):
 
 def test_bad_shapes_say_what_was_received():
     x = torch.zeros(2, 4, 8)
-    with pytest.raises(ValueError, match=r"take_rows: x \(B, L, D\) and sel \(B, Lc\) expected; got \(2, 4, 8\) and \(3, 2\)"):
+    expected = r"take_rows: x \(B, L, D\) and sel \(B, Lc\) expected; got \(2, 4, 8\) and \(3, 2\)"
+    with pytest.raises(ValueError, match=expected):
         rows.take_rows(x, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"put_rows: .* got \(2, 4, 8\) and \(2, 3\)"):
         rows.put_rows(x, torch.zeros(2, 3, dtype=torch.long), 6)
