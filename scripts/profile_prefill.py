@@ -49,6 +49,10 @@ CATEGORIES = [  # first match wins; matched against the lower-cased kernel name
 ]
 
 
+# fitprune's Triton kernels and the stage (range) that launches each (fitprune/kernels/)
+TRITON_STAGES = {"_row_stats": "scoring", "_cross_self": "scoring", "_select_compact": "selection"}
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, pattern in CATEGORIES:
@@ -108,17 +112,19 @@ def _profile(model, inputs, repeats: int) -> dict:
     for name, ms in by_kernel.items():
         by_cat[category(name)] += ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
-    ranges, range_kernels = _range_times(prof, cuda, repeats)
+    ranges, range_kernels = _range_times(prof, cuda, repeats, by_kernel, counts)
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
             "range_kernels": range_kernels,
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
             "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
 
 
-def _range_times(prof, cuda: bool, repeats: int) -> tuple[dict, dict]:
+def _range_times(prof, cuda: bool, repeats: int, by_kernel: dict, counts: dict) -> tuple[dict, dict]:
     """Per fitprune range: the time of the kernels launched inside it (on the CPU: the aten ops' self
     time), ms per prefill, and its top kernels. Read from the host-side range events and their
-    children, so GPU-side annotation spans (which include idle gaps) are not counted."""
+    children, so GPU-side annotation spans (which include idle gaps) are not counted. Triton's
+    kernels are launched outside any aten op, so no host event carries them: they are added by name
+    (:data:`TRITON_STAGES`) from ``by_kernel`` / ``counts`` (ms and launches per kernel name)."""
     names = {name: key for key, name in RANGES.items()}
     ranges = {key: 0.0 for key in RANGES}
     per_kernel: dict[str, dict[str, list]] = {key: defaultdict(lambda: [0.0, 0]) for key in RANGES}
@@ -138,6 +144,10 @@ def _range_times(prof, cuda: bool, repeats: int) -> tuple[dict, dict]:
         key = names.get(evt.name)
         if key is not None and evt.device_type == torch.autograd.DeviceType.CPU:
             walk(evt, key)
+    for name, ms in by_kernel.items():  # set, not added: counted once even where a host event carried it
+        key = TRITON_STAGES.get(name)
+        if key is not None:
+            per_kernel[key][name] = [ms, counts[name]]  # ms per prefill, launches over all repeats (as walk)
     out = {}
     for key, kernels in per_kernel.items():
         ranges[key] = sum(ms for ms, _ in kernels.values())
