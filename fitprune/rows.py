@@ -30,13 +30,12 @@ def wide_view(x: torch.Tensor) -> torch.Tensor:
     if x.dim() > 0 and x.stride(-1) == 1:
         row_bytes = x.shape[-1] * size
         for word in _WORDS:
-            wide = torch.empty((), dtype=word).element_size()
-            if wide <= size:
+            if word.itemsize <= size:
                 break
-            if row_bytes % wide == 0 and (x.storage_offset() * size) % wide == 0 and all(
-                    (s * size) % wide == 0 for s in x.stride()[:-1]):
+            if row_bytes % word.itemsize == 0 and (x.storage_offset() * size) % word.itemsize == 0 and all(
+                    (s * size) % word.itemsize == 0 for s in x.stride()[:-1]):
                 return x.view(word)
-    same = next((w for w in _WORDS if torch.empty((), dtype=w).element_size() == size), None)
+    same = next((w for w in _WORDS if w.itemsize == size), None)
     return x if same is None or x.dim() == 0 else x.view(same)
 
 

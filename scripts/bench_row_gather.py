@@ -41,15 +41,20 @@ def _flat_index(sel: torch.Tensor, length: int) -> torch.Tensor:
     return (sel + base).reshape(-1)
 
 
+def _flat(x: torch.Tensor, sel: torch.Tensor, wide: bool, take) -> torch.Tensor:
+    """The rows ``sel`` of ``x`` through its flattened (B·L, D) view (in wide words if ``wide``), by ``take``
+    (flat rows, flat index) -> rows."""
+    src = rows.wide_view(x) if wide else x
+    out = take(src.reshape(-1, src.shape[-1]), _flat_index(sel, x.shape[1]))
+    return out.view(x.dtype).view(sel.shape[0], sel.shape[1], x.shape[-1])
+
+
 WAYS = {
     "gather": lambda x, sel: torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1])),
     "take_rows": rows.take_rows,
-    "index_select": lambda x, sel: x.reshape(-1, x.shape[-1]).index_select(0, _flat_index(sel, x.shape[1])).view(
-        sel.shape[0], sel.shape[1], x.shape[-1]),
-    "index_select_wide": lambda x, sel: rows.wide_view(x).reshape(-1, rows.wide_view(x).shape[-1]).index_select(
-        0, _flat_index(sel, x.shape[1])).view(x.dtype).view(sel.shape[0], sel.shape[1], x.shape[-1]),
-    "indexing_wide": lambda x, sel: rows.wide_view(x).reshape(-1, rows.wide_view(x).shape[-1])[
-        _flat_index(sel, x.shape[1])].view(x.dtype).view(sel.shape[0], sel.shape[1], x.shape[-1]),
+    "index_select": lambda x, sel: _flat(x, sel, False, lambda t, i: t.index_select(0, i)),
+    "index_select_wide": lambda x, sel: _flat(x, sel, True, lambda t, i: t.index_select(0, i)),
+    "indexing_wide": lambda x, sel: _flat(x, sel, True, lambda t, i: t[i]),
 }
 
 
