@@ -21,6 +21,13 @@ sum of the same two numbers (the generic path's equal too, up to the sign of a z
 Should anything else be done with the stand-in, it behaves as the broadcast zero, the layer returns
 the full-length residual, and the pruner gathers and adds after the layer (:attr:`Survivors.taken`
 tells it which happened).
+
+Where the MLP's input is a norm of that same residual (``residual = h; h = self.norm(h); h =
+self.mlp(h)``, :func:`norm_before_mlp`: every folded family above), the pruner gathers the survivors'
+rows at the norm's input instead of the MLP's. The norm then runs on the survivors too, and the
+residual sum reuses the gathered rows: one gather per pruning layer instead of two, and no norm of
+rows about to be dropped. Each row's norm is computed alone, so the values are those of the norm
+of the full length, gathered.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from torch import nn
 from .profiling import stage
 from .rows import put_rows, take_rows
 
-__all__ = ["Survivors", "feeds_residual", "full_length", "stand_in", "survivors"]
+__all__ = ["Survivors", "feeds_residual", "full_length", "norm_before_mlp", "stand_in", "survivors"]
 
 
 @functools.cache
@@ -54,6 +61,32 @@ def feeds_residual(layer: nn.Module, mlp_attr: str = "mlp") -> bool:
     sum, with nothing in between (so the MLP output may be folded in after the layer). Read once per
     class from the forward's source; False whenever that cannot be confirmed."""
     return _ends_with_residual_add(type(layer), mlp_attr)
+
+
+@functools.cache
+def _norm_feeding_mlp(layer_type: type, mlp_attr: str) -> str | None:
+    if not _ends_with_residual_add(layer_type, mlp_attr):
+        return None
+    source = inspect.getsource(layer_type.forward)  # readable: the check above read it
+    attr = re.escape(mlp_attr)
+    tail = (rf"residual = (\w+)\s*\n\s*\1 = self\.(\w+)\(\1\)\s*\n\s*\1 = self\.{attr}\(\1\)\s*\n"
+            rf"\s*\1 = residual \+ \1\s*\n\s*return \1\s*$")
+    found = re.search(tail, source.rstrip() + "\n")
+    if found is None or source.count(f"self.{found[2]}(") != 1:
+        return None
+    return found[2]
+
+
+def norm_before_mlp(layer: nn.Module, mlp_attr: str = "mlp") -> nn.Module | None:
+    """The module between the residual and the MLP of a folding layer (:func:`feeds_residual`), where
+    its forward ends ``residual = h; h = self.<norm>(h); h = self.mlp(h); h = residual + h; return h``
+    (the post-attention norm of LLaMA, Mistral, Qwen2 and Qwen2-VL): its input is the residual the MLP
+    output is added to. None where the source does not say so. The pruner gathers the survivors' rows
+    at that module's input, so the norm and the MLP run on the survivors and the residual sum reuses
+    the rows (:func:`survivors` with ``gathered``)."""
+    name = _norm_feeding_mlp(type(layer), mlp_attr)
+    module = getattr(layer, name, None) if name is not None else None
+    return module if isinstance(module, nn.Module) else None
 
 
 def full_length(rows: torch.Tensor, sel: torch.Tensor, length: int) -> torch.Tensor:
@@ -79,6 +112,8 @@ class Survivors(torch.Tensor):
     rows: torch.Tensor
     sel: torch.Tensor
     taken: bool
+    source: torch.Tensor | None  # the residual whose survivors' rows were gathered already ...
+    gathered: torch.Tensor | None  # ... and those rows
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -89,15 +124,19 @@ class Survivors(torch.Tensor):
                     and other.shape == me.shape and other.dtype == me.rows.dtype):
                 me.taken = True
                 with torch._C.DisableTorchFunctionSubclass(), stage("compaction"):
-                    return take_rows(other, me.sel) + me.rows
+                    rows = me.gathered if other is me.source and me.source is not None else take_rows(other, me.sel)
+                    return rows + me.rows
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))
 
 
-def survivors(rows: torch.Tensor, sel: torch.Tensor, length: int, zero: torch.Tensor | None = None) -> Survivors:
+def survivors(rows: torch.Tensor, sel: torch.Tensor, length: int, zero: torch.Tensor | None = None,
+              gathered: tuple[torch.Tensor, torch.Tensor] | None = None) -> Survivors:
     """Folded path: the MLP rows (B, Lc, D) of the survivors ``sel`` (B, Lc), handed to the layer as a
     broadcast zero of (B, ``length``, D) that compacts the layer's residual sum (:class:`Survivors`).
-    ``zero``: as in :func:`stand_in`."""
+    ``zero``: as in :func:`stand_in`. ``gathered``: (residual, its rows ``sel``) taken earlier (at the
+    norm before the MLP, :func:`norm_before_mlp`); a sum with that very residual reuses the rows."""
     out = torch.Tensor._make_subclass(Survivors, stand_in(rows, length, zero))
     out.rows, out.sel, out.taken = rows, sel, False
+    out.source, out.gathered = gathered if gathered is not None else (None, None)
     return out

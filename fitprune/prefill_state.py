@@ -119,6 +119,27 @@ class PrefillState:
         width = self.width
         return min(width - n + f for n, f in zip(self.slots, self.first_visual) if f < self.input_len)
 
+    # ------------------------------------------------------------------ advancing
+    def advance(self, layer: int, sel: torch.Tensor, new_valid: torch.Tensor, fused: dict | None = None) -> None:
+        """Take layer ``layer``'s pending drops out of the state: the slots ``sel`` (B, Lc') are kept, with
+        ``new_valid`` their valid flags. ``fused``: the slots' state as the selection kernel laid it out
+        (:mod:`fitprune.kernels.fused_select`), taken instead of gathering it here."""
+        drop, counts = self.pending.pop(layer)
+        if fused is not None:
+            self.dropped_positions[layer] = fused["dropped"]
+            self.idx, self.visual, self.text, self.real = (fused[n] for n in ("idx", "visual", "text", "real"))
+        else:
+            self.dropped_positions[layer] = torch.where(drop, self.idx, -1)
+            self.idx, self.visual, self.text, self.real = (
+                t.gather(1, sel) for t in (self.idx, self.visual, self.text, self.real))
+        self.valid = new_valid
+        self.slots = [n - k for n, k in zip(self.slots, counts)]
+        self.alive_visual = [n - k for n, k in zip(self.alive_visual, counts)]
+        self.alive_real = [n - k for n, k in zip(self.alive_real, counts)]
+        self.version += 1
+        self.versions.append((self.idx, self.valid, self.all_valid))
+        self.selection.pop(layer)
+
     # ------------------------------------------------------------------ copies
     def copy(self, clone_tensors: bool = False, **changes) -> "PrefillState":
         """An independent copy: its own lists and dicts (one level deep: the tuples and the per-sample

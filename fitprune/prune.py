@@ -9,7 +9,7 @@ DESIGN.md §2 "Inference" and §3. One :class:`Pruner` holds all state of one mo
   transformers reads the cache length from layer 0;
 * scoring attention (``fitprune.attention``) at layers with a nonzero entry: score alive visual
   tokens on the layer's post-RoPE queries/keys and pick the ones to drop;
-* MLP pre/post hooks of that layer: the MLP runs on the survivors only (:mod:`fitprune.mlp_rows`:
+* hooks of that layer's MLP (and of the norm before it): they run on the survivors only (:mod:`fitprune.mlp_rows`:
   the layer's own residual sum takes the survivors' rows and adds the MLP rows, or they are scattered
   back for the stock add); rows move as 8-byte words (:mod:`fitprune.rows`);
 * layer post-hook: the layer output keeps only the survivors. The layer's own KV cache was written
@@ -108,6 +108,7 @@ class Pruner:
         self._observed: list[nn.Module] = []
         self._fold_mlp: set[int] = set()  # pruning layers whose residual sum takes the survivors (mlp_rows)
         self._mlp_out: dict[int, mlp_rows.Survivors] = {}  # their MLP rows, from the MLP's hook to the layer's
+        self._norm_in: dict[int, tuple] = {}  # (residual, its survivors' rows) gathered at the norm before the MLP
         self._fold_now = True  # False in a call that records hidden states
         self._fused_select: dict[int, dict] = {}  # a layer's selection and new state from one kernel (fused_select)
 
@@ -131,6 +132,9 @@ class Pruner:
                 if mlp is not None:
                     if mlp_rows.feeds_residual(layer, self.adapter.mlp_attr):
                         self._fold_mlp.add(i)
+                        norm = mlp_rows.norm_before_mlp(layer, self.adapter.mlp_attr)
+                        if norm is not None:  # the survivors are gathered at the norm's input
+                            self._handles.append(norm.register_forward_pre_hook(self._norm_pre(i)))
                     self._handles.append(mlp.register_forward_pre_hook(self._mlp_pre(i)))
                     self._handles.append(mlp.register_forward_hook(self._mlp_post(i)))
         self._handles.append(self.lm.norm.register_forward_hook(self._on_norm))
@@ -155,6 +159,7 @@ class Pruner:
         self.decoding = None
         self._step_masks = {}
         self._mlp_out = {}
+        self._norm_in = {}
         self._fused_select = {}
         # recorded hidden states may be taken before the layer's post-hook (README): fold only when none are
         self._fold_now = not kwargs.get("output_hidden_states", getattr(self.model.config, "output_hidden_states", False))
@@ -326,12 +331,23 @@ class Pruner:
                 with stage("dart"):
                     drop = self.rule.at_mlp(rules.MlpContext(self, state, i, args[0], keys, counts))
                 state.pending[i] = (drop, counts)
-            if state is None or i not in state.pending:
+            if state is None or i not in state.pending or i in self._norm_in:  # _norm_pre: survivors already
                 return None
             sel, _ = self._selection(state, i)
-            x = args[0]
             with stage("compaction"):
-                return (take_rows(x, sel), *args[1:])
+                return (take_rows(args[0], sel), *args[1:])
+
+        return hook
+
+    def _norm_pre(self, i: int):
+        def hook(norm, args):  # the norm between the residual and the MLP of a folded layer (mlp_rows)
+            state = self.prefill
+            if state is None or i not in state.pending or not self._fold_now or i not in self._fold_mlp:
+                return None
+            sel, _ = self._selection(state, i)
+            with stage("compaction"):
+                self._norm_in[i] = (args[0], take_rows(args[0], sel))
+            return (self._norm_in[i][1], *args[1:])
 
         return hook
 
@@ -342,7 +358,8 @@ class Pruner:
                 return None
             sel, _ = self._selection(state, i)
             if self._fold_now and i in self._fold_mlp:  # the layer's residual sum takes the survivors (mlp_rows)
-                self._mlp_out[i] = mlp_rows.survivors(output, sel, state.idx.shape[1], self.constants.zero(output))
+                self._mlp_out[i] = mlp_rows.survivors(output, sel, state.idx.shape[1], self.constants.zero(output),
+                                                      self._norm_in.pop(i, None))
                 return self._mlp_out[i]
             with stage("compaction"):
                 return mlp_rows.full_length(output, sel, state.idx.shape[1])
@@ -369,26 +386,9 @@ class Pruner:
         ``gathered``: ``hidden`` holds the survivors' rows already; only the state is compacted."""
         sel, new_valid = self._selection(state, i)
         with stage("compaction"):
-            drop, counts = state.pending.pop(i)
             if not gathered:
                 hidden = take_rows(hidden, sel)
-            fused = self._fused_select.pop(i, None)
-            if fused is not None:  # laid out by the selection kernel
-                state.dropped_positions[i] = fused["dropped"]
-                state.idx, state.visual, state.text, state.real = (fused[n] for n in ("idx", "visual", "text", "real"))
-            else:
-                state.dropped_positions[i] = torch.where(drop, state.idx, -1)
-                state.idx = state.idx.gather(1, sel)
-                state.visual = state.visual.gather(1, sel)
-                state.text = state.text.gather(1, sel)
-                state.real = state.real.gather(1, sel)
-            state.valid = new_valid
-            state.slots = [n - k for n, k in zip(state.slots, counts)]
-            state.alive_visual = [n - k for n, k in zip(state.alive_visual, counts)]
-            state.alive_real = [n - k for n, k in zip(state.alive_real, counts)]
-            state.version += 1
-            state.versions.append((state.idx, state.valid, state.all_valid))
-            state.selection.pop(i)
+            state.advance(i, sel, new_valid, self._fused_select.pop(i, None))
         return hidden
 
     def _on_norm(self, norm, args, output):

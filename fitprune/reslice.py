@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import torch
 
+from .rows import wide_view
+
 __all__ = ["decode_mask", "gather_seq", "gather_tables", "layer_kwargs", "mask_fill", "prefill_mask",
            "stack_tables"]
 
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D)."""
+    """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D); the rows move
+    as stored, in the widest integer words a row allows (:func:`fitprune.rows.wide_view`)."""
     lead = t.shape[:-3]
     bsz, lc = idx.shape
     t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
-    index = idx[..., None].expand(*lead, bsz, lc, t.shape[-1])
-    return torch.gather(t, -2, index)
+    wide = wide_view(t)
+    index = idx[..., None].expand(*lead, bsz, lc, wide.shape[-1])
+    return torch.gather(wide, -2, index).view(t.dtype)
 
 
 def stack_tables(tables) -> torch.Tensor | None:

@@ -52,6 +52,54 @@ def test_an_mlp_under_another_name_is_not():
     assert not mlp_rows._ends_with_residual_add(LlamaDecoderLayer, "feed_forward")
 
 
+class _NormOfAnotherTensorLayer(nn.Module):  # the norm's input is not the residual
+    def forward(self, hidden_states, other):
+        residual = hidden_states
+        other = self.post_norm(other)
+        other = self.mlp(other)
+        hidden_states = residual + other
+        return hidden_states
+
+
+class _WorkBetweenNormAndMlpLayer(nn.Module):
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.post_norm(hidden_states)
+        hidden_states = hidden_states * 2
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class _NormCalledTwiceLayer(nn.Module):
+    def forward(self, hidden_states):
+        hidden_states = self.post_norm(hidden_states)
+        residual = hidden_states
+        hidden_states = self.post_norm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+@pytest.mark.parametrize("layer_type", [LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer])
+def test_the_norm_before_the_mlp_is_found(layer_type):
+    assert mlp_rows._norm_feeding_mlp(layer_type, "mlp") == "post_attention_layernorm"
+
+
+@pytest.mark.parametrize("layer_type", [Gemma2DecoderLayer, _NormedMlpLayer, _NormOfAnotherTensorLayer,
+                                        _WorkBetweenNormAndMlpLayer, _NormCalledTwiceLayer])
+def test_no_norm_is_taken_where_the_source_does_not_say_so(layer_type):
+    assert mlp_rows._norm_feeding_mlp(layer_type, "mlp") is None
+
+
+def test_the_norm_found_must_be_a_module_of_the_layer():
+    layer = _WorkBetweenNormAndMlpLayer.__new__(LlamaDecoderLayer)  # a LLaMA layer's forward, no modules
+    nn.Module.__init__(layer)
+    assert mlp_rows.norm_before_mlp(layer) is None
+    layer.post_attention_layernorm = nn.LayerNorm(4)
+    assert mlp_rows.norm_before_mlp(layer) is layer.post_attention_layernorm
+
+
 def _run(model, batch, recipe, fold: bool):
     with fitprune.apply(model, recipe) as m, torch.no_grad():
         pruner = m._fitprune.pruner
@@ -84,6 +132,24 @@ def test_folded_mlp_is_bit_identical_to_the_scatter_path(family):
     assert torch.equal(gen.sequences, ref_gen.sequences)
     for x, y in zip(gen.logits, ref_gen.logits):
         assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_mlp_is_bit_identical_to_the_scatter_path_on_cuda_in_bf16(family):
+    # the norm and the MLP run on fewer rows there: the GPU's reductions and GEMMs must still give the same bits
+    model, make = FACTORIES[family]()
+    model = model.cuda().to(torch.bfloat16)
+    a, b = IMAGES[family]
+    batch = {k: v.cuda() for k, v in make([(5, a, 7), (3, b, 4), (4, None, 6)]).items()}
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), scoring="fitprune")
+    folded, out, report, gen, _ = _run(model, batch, recipe, fold=True)
+    _, ref, ref_report, ref_gen, _ = _run(model, batch, recipe, fold=False)
+    assert folded == {1, 2}
+    assert (report.kept == ref_report.kept).all()
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
 
 
 def test_the_stand_in_compacts_the_residual_sum_and_is_a_zero_elsewhere():
@@ -121,3 +187,37 @@ def test_folded_layers_return_the_survivors_rows_themselves(family, monkeypatch)
     with fitprune.apply(model, Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), scoring="fitprune")) as m, torch.no_grad():
         m(**batch)
     assert len(made) == 2 and all(s.taken for s in made)  # both pruning layers' sums took the survivors
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_norm_and_mlp_run_on_the_survivors_gathered_once(family, monkeypatch):
+    model, make = FACTORIES[family]()
+    a, _ = IMAGES[family]
+    batch = make([(5, a, 7), (3, a, 4)])
+    layers = get_adapter(model).language_model(model).layers
+    rows_seen = {}  # layer -> rows its post-attention norm and MLP received (after fitprune's hooks)
+    gathers = []
+    real = fitprune.rows.take_rows
+
+    def counting(x, sel):
+        gathers.append(tuple(x.shape))
+        return real(x, sel)
+
+    monkeypatch.setattr(fitprune.prune, "take_rows", counting)
+    monkeypatch.setattr(mlp_rows, "take_rows", counting)
+    recipe = Recipe(drop_fractions=(0.0, 0.25, 0.3, 0.0), scoring="fitprune")
+    with fitprune.apply(model, recipe) as m, torch.no_grad():
+        for i, layer in enumerate(layers):
+            for name in ("post_attention_layernorm", "mlp"):
+                getattr(layer, name).register_forward_pre_hook(
+                    lambda mod, args, i=i, name=name: rows_seen.setdefault(i, {}).__setitem__(name, args[0].shape[1]))
+        m(**batch)
+        report = fitprune.last_report(m)
+    assert all(mlp_rows.norm_before_mlp(layers[i]) is layers[i].post_attention_layernorm for i in (1, 2))
+    width = batch["input_ids"].shape[1]
+    # slots after each layer: the input width less the fewest drops of a sample so far
+    kept = [width - min(sum(len(d) for d in report.dropped[b][: i + 1]) for b in range(2)) for i in range(4)]
+    assert rows_seen[1] == {"post_attention_layernorm": kept[1], "mlp": kept[1]} and kept[1] < kept[0]
+    assert rows_seen[2] == {"post_attention_layernorm": kept[2], "mlp": kept[2]} and kept[2] < kept[1]
+    assert rows_seen[0] == {"post_attention_layernorm": width, "mlp": width}
+    assert len(gathers) == 2  # one gather per pruning layer: the residual's, at the norm

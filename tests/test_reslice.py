@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from fitprune.reslice import (decode_mask, gather_seq, gather_tables, layer_kwargs, mask_fill, prefill_mask,
                               stack_tables)
+from fitprune.rows import wide_view
 
 NEG = torch.finfo(torch.float32).min
 
@@ -48,6 +50,19 @@ def test_gather_seq_picks_positions_per_sample_and_broadcasts_the_batch():
     lead = torch.stack([t, -t])  # (2, 1, L, D): a leading dim (M-RoPE's 3 sections have one)
     out = gather_seq(lead, idx)
     assert out.shape == (2, 2, 4, 3) and torch.equal(out[1], -gather_seq(t, idx))
+
+
+@pytest.mark.parametrize("dtype, word", [(torch.bfloat16, torch.int16), (torch.float32, torch.int32)])
+def test_gather_seq_moves_rows_as_stored_in_wide_words(dtype, word):
+    idx, _ = _compressed()
+    t = torch.randn(3, 1, 6, 8, generator=torch.Generator().manual_seed(1)).to(dtype)  # (lead, 1, L, D)
+    t.view(word)[0, 0, idx[0, 1], 3] = -1  # a NaN with a payload: bits, not values, must move
+    expanded = t.expand(3, 2, 6, 8)  # the batch broadcast, stride 0
+    assert wide_view(expanded).dtype == torch.int64  # 16 or 32 bytes a row: 8-byte words
+    out = gather_seq(t, idx)
+    want = torch.gather(expanded, -2, idx[None, :, :, None].expand(3, 2, 4, 8))
+    assert out.dtype == dtype and out.shape == (3, 2, 4, 8)
+    assert torch.equal(out.view(word), want.view(word))
 
 
 def test_rope_tables_gathered_once_equal_one_gather_each():

@@ -249,8 +249,12 @@ def _cross_self(
         else:
             w_t = tl.load(W_T + b * n_rows + rows, mask=row_ok, other=0.0)  # (BM,) t_r / |T| (0: not scored)
             w_v = tl.load(W_V + b * n_rows + rows, mask=row_ok, other=0.0)
-        bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
-        if (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0):  # something allowed, some row scored
+        if MASK_MODE == 0:  # causal: every tile from rb_start on allows some key; the bias waits for the max
+            go = tl.max(w_t + w_v) > 0
+        else:
+            bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
+            go = (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0)  # something allowed, some row scored
+        if go:
             a_max = tl.full([BLOCK_M, BLOCK_N], NEG_F, tl.float32)  # max over heads of logit - lse
             for h in range(n_heads):
                 q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
@@ -260,6 +264,8 @@ def _cross_self(
                 stat = b * ssb + h * ssh + (stat_off + rows) * ssr
                 lse_r = tl.load(LSE_IN + stat, mask=row_ok, other=0.0)
                 a_max = tl.maximum(a_max, _logits(q, kt, scaling, IEEE, INTERPRET, ROUND) - lse_r[:, None])
+            if MASK_MODE == 0:  # not live through the head loop: registers for the tile
+                bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
             # masked: + float32 min gives exp 0; a dead row (lse float32 min) gets a finite p and weight 0
             p_max = tl.exp(a_max + bias)
             c_acc += tl.sum(p_max * w_t[:, None], 0)  # rows without an allowed key weigh 0 here
