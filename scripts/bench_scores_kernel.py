@@ -95,13 +95,15 @@ def _tiles(text: str) -> tuple[int, int, int, int, int]:
 def _with_tiles(tiles, fn):
     """``fn()`` with the kernel module's warps and stages set as ``tiles`` says, restored after."""
     _, _, warps, stages, rows1 = tiles
-    saved = fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS, fused_scores.STAGES
-    fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS = (4 if rows1 <= 64 else 8), warps
-    fused_scores.STAGES = stages
+    names = ("ROW_STATS_WARPS", "CROSS_SELF_WARPS", "LSE_WARPS", "STAGES")
+    saved = {n: getattr(fused_scores, n) for n in names}
+    for n, value in zip(names, ((4 if rows1 <= 64 else 8), warps, warps, stages)):
+        setattr(fused_scores, n, value)
     try:
         return fn()
     finally:
-        fused_scores.ROW_STATS_WARPS, fused_scores.CROSS_SELF_WARPS, fused_scores.STAGES = saved
+        for n, value in saved.items():
+            setattr(fused_scores, n, value)
 
 
 def _max_rel_diff(got, want) -> float:

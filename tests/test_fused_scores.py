@@ -190,7 +190,7 @@ def _check_lse(dtype, device, q_len=50, **kw):
 @interpreted
 def test_interpreted_lse_entry_matches_float32_reference(interpreter):
     _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
-    _check_lse(torch.float32, "cpu", q_len=150)  # default tiles: 64 rows, a partial last row block
+    _check_lse(torch.float32, "cpu", q_len=150)  # default LSE tiles: 128 × 128, partial last row and key blocks
 
 
 # tiny models with 4 query heads: LLaVA with 4 or 2 key/value heads, Qwen2-VL (GQA, M-RoPE) with 2
@@ -327,9 +327,9 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
 def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_lse(torch.bfloat16, "cuda")
-    _check_lse(torch.bfloat16, "cuda", q_len=333)  # 64-row tiles, the last one partial
-    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=128)
-    assert fused_scores.pass2_rows(2100 - 5) == 128  # from LONG_ROWS on, the default takes 128-row tiles
+    _check_lse(torch.bfloat16, "cuda", q_len=333)  # the LSE tiles (128 × 128, 16 warps), the last ones partial
+    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64, block_n=64)  # two-pass tiles, under 16 warps
+    assert fused_scores.pass2_rows(2100 - 5) == 128  # from LONG_ROWS on, two passes take 128-row tiles
     _check_lse(torch.bfloat16, "cuda", q_len=2100)
 
 

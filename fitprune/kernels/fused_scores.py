@@ -65,6 +65,13 @@ ROW_STATS_BLOCK_M = 64
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
+# Pass 2 on the attention's log-sum-exp (the pruner's path under SDPA) takes its own tiles: 128 rows ×
+# 128 keys with 16 warps. A causal tile's bias is made after the head loop, so only the head-max tile and
+# the logits stay live. Measured on the H100, batch 8, the first pruning layer, against the 64/128 × 64
+# tiles with 8 warps (scripts/bench_scores_kernel.py --tiles 128x128:16:3,
+# benchmarks/h100-2026-12-06-s30-scores-kernel.{log,json}): LLaVA-1.5 0.209 -> 0.183 ms, LLaVA-NeXT
+# 1.418 -> 1.312 ms, Qwen2-VL 0.332 -> 0.265 ms. With two passes the same tiles were slower.
+LSE_BLOCK_M, LSE_BLOCK_N, LSE_WARPS = 128, 128, 16
 STAGES = 3  # software-pipelining depth of both passes' loops (Triton's default)
 MAX_HEAD_DIM = 256
 _TORCH_PATH = f"Pass fused_scores=False to fitprune.apply (or set {ENV_VAR}=0) to score with the torch path."
@@ -332,7 +339,7 @@ def fused_cross_self(
     *,
     splits: int | None = None,
     block_m: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FitPrune's c (mean over T) and s (mean over V) of the head-max attention, each (B, Lkv) float32.
@@ -340,8 +347,8 @@ def fused_cross_self(
     Equals ``scoring.cross_self(scoring.head_max_probs(query, key, mask, scaling, row_start), text_rows,
     visual_rows)`` up to float rounding. ``splits``: groups of row blocks per column block, each writing
     its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: pass 2's
-    tile rows / keys (``block_m`` None: :func:`pass2_rows`), ``stats_block_m``: pass 1's tile rows;
-    powers of two >= 16.
+    tile rows / keys (None: :func:`pass2_rows` / BLOCK_N; on the attention's log-sum-exp, LSE_BLOCK_M /
+    LSE_BLOCK_N), ``stats_block_m``: pass 1's tile rows; powers of two >= 16.
     """
     _check(query, key, text_rows, visual_rows, row_start)
     return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits,
@@ -358,7 +365,7 @@ def fused_cross_self_flags(
     lse: torch.Tensor | None = None,  # (B, H, Lq) float32: the layer's attention log-sum-exp (causal only)
     splits: int | None = None,
     block_m: int | None = None,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     stats_block_m: int = ROW_STATS_BLOCK_M,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fused_cross_self` of ``text_rows = (text & valid)[:, row_start:]`` and ``visual_rows[:, row_start:]``
@@ -409,7 +416,12 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
-    block_m = pass2_rows(n_rows) if block_m is None else block_m
+    if lse is None:
+        block_m = pass2_rows(n_rows) if block_m is None else block_m
+        block_n, warps = BLOCK_N if block_n is None else block_n, CROSS_SELF_WARPS
+    else:
+        block_m = LSE_BLOCK_M if block_m is None else block_m
+        block_n, warps = LSE_BLOCK_N if block_n is None else block_n, LSE_WARPS
     device = query.device
     if n_rows == 0 or kv_len == 0:
         zeros = torch.zeros(bsz, kv_len, dtype=torch.float32, device=device)
@@ -458,7 +470,7 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_lse, *weights, partial, *strides, *flag_strides,
                                      *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     ROUND=lse is None, BLOCK_M=block_m, num_warps=CROSS_SELF_WARPS,
+                                     ROUND=lse is None, BLOCK_M=block_m, num_warps=warps,
                                      num_stages=STAGES)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
