@@ -67,10 +67,12 @@ ROW_STATS_BLOCK_M = 64
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
 # Pass 2 on the attention's log-sum-exp (the pruner's path under SDPA) takes its own tiles: 128 rows ×
 # 128 keys with 16 warps. A causal tile's bias is made after the head loop, so only the head-max tile and
-# the logits stay live. Measured on the H100, batch 8, the first pruning layer, against the 64/128 × 64
-# tiles with 8 warps (scripts/bench_scores_kernel.py --tiles 128x128:16:3,
-# benchmarks/h100-2026-12-06-s30-scores-kernel.{log,json}): LLaVA-1.5 0.209 -> 0.183 ms, LLaVA-NeXT
-# 1.418 -> 1.312 ms, Qwen2-VL 0.332 -> 0.265 ms. With two passes the same tiles were slower.
+# the logits stay live. H100, batch 8, the first pruning layer (scripts/bench_scores_kernel.py):
+# * among tiles, one run (--tiles 128x128:16:3, benchmarks/h100-2026-12-06-s30-scores-kernel.*): against
+#   the 64 / 128 × 64 tiles with 8 warps, LLaVA-1.5 0.209 -> 0.183 ms, LLaVA-NeXT 1.418 -> 1.312 ms,
+#   Qwen2-VL 0.332 -> 0.265 ms; with two passes the same tiles were slower;
+# * against the kernel before this change, another run (--baseline, ...-s30-scores-kernel-ab.*): NeXT
+#   1.433 -> 1.365 ms, Qwen2-VL 0.368 -> 0.269 ms, LLaVA-1.5 0.241 -> 0.243 ms (no gain there).
 LSE_BLOCK_M, LSE_BLOCK_N, LSE_WARPS = 128, 128, 16
 STAGES = 3  # software-pipelining depth of both passes' loops (Triton's default)
 MAX_HEAD_DIM = 256
