@@ -103,3 +103,22 @@ def test_rows_also_write_as_parquet(tiny_run, tmp_path):
     assert table.num_rows == len(data["rows"])
     assert {"gpu", "geometry", "batch", "method", "budget", "metric", "value", "ratio_vs_unpruned",
             "flops_ratio"} <= set(table.column_names)
+
+
+@pytest.mark.slow
+def test_compare_bench_reads_real_results(tiny_run, tmp_path, capsys):
+    """scripts/compare_bench.py on bench_gpu's own output: a copy whose pruned LM prefills take 0.9 × as long
+    compares as 0.9 over every pruned configuration."""
+    _, data = tiny_run
+    spec = importlib.util.spec_from_file_location("compare_bench", ROOT / "scripts" / "compare_bench.py")
+    compare_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_bench)
+    faster = json.loads(json.dumps(data))
+    pruned = [r for r in faster["rows"] if r["metric"] == "lm_prefill_ms" and r["method"] != "unpruned"]
+    for r in pruned:
+        r["value"] *= 0.9
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(data))
+    new.write_text(json.dumps(faster))
+    assert compare_bench.main([str(old), str(new)]) == 0
+    assert f"pruned new/old 0.9000 ± 0.0000 (n = {len(pruned)}, new faster in {len(pruned)})" in capsys.readouterr().out
