@@ -93,7 +93,7 @@ def test_no_norm_is_taken_where_the_source_does_not_say_so(layer_type):
 
 
 def test_the_norm_found_must_be_a_module_of_the_layer():
-    layer = _WorkBetweenNormAndMlpLayer.__new__(LlamaDecoderLayer)  # a LLaMA layer's forward, no modules
+    layer = LlamaDecoderLayer.__new__(LlamaDecoderLayer)  # a LLaMA layer's forward, none of its modules
     nn.Module.__init__(layer)
     assert mlp_rows.norm_before_mlp(layer) is None
     layer.post_attention_layernorm = nn.LayerNorm(4)
