@@ -124,7 +124,7 @@ class Survivors(torch.Tensor):
                     and other.shape == me.shape and other.dtype == me.rows.dtype):
                 me.taken = True
                 with torch._C.DisableTorchFunctionSubclass(), stage("compaction"):
-                    rows = me.gathered if other is me.source and me.source is not None else take_rows(other, me.sel)
+                    rows = me.gathered if other is me.source else take_rows(other, me.sel)  # source None: gather
                     return rows + me.rows
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **(kwargs or {}))

@@ -171,6 +171,19 @@ def test_the_stand_in_compacts_the_residual_sum_and_is_a_zero_elsewhere():
     assert plain.shape == (2, 6, 8) and torch.equal(plain, residual.float()) and not wrong.taken
 
 
+def test_the_stand_in_reuses_rows_gathered_from_that_very_residual_only():
+    gen = torch.Generator().manual_seed(1)
+    residual = torch.randn(2, 6, 8, generator=gen)
+    rows = torch.randn(2, 4, 8, generator=gen)
+    sel = torch.tensor([[0, 2, 3, 5], [1, 2, 4, 5]])
+    marked = torch.full((2, 4, 8), 7.0)  # stands for residual's rows at sel, told apart by its values
+    out = residual + mlp_rows.survivors(rows, sel, 6, gathered=(residual, marked))
+    assert torch.equal(out, marked + rows)  # taken from the norm's gather, not gathered again
+    other = residual.clone()  # equal values, another tensor: gathered from it
+    out = other + mlp_rows.survivors(rows, sel, 6, gathered=(residual, marked))
+    assert torch.equal(out, torch.gather(other, 1, sel[..., None].expand(-1, -1, 8)) + rows)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folded_layers_return_the_survivors_rows_themselves(family, monkeypatch):
     made = []
