@@ -9,14 +9,16 @@ thread, and for bf16 that is 2 bytes: on the H100 it ran at about a third of the
 a gather of integers copies bits, so the result has ``torch.gather``'s values, each as stored. Where a
 row's bytes do not divide into wider words, or the tensor is not contiguous in its last dimension, it
 moves integers of one value's size. :func:`put_rows`, the scatter back to full length (the generic MLP
-path, the final norm), moves words the same way.
+path, the final norm), moves words the same way. Integers carry no gradient, so where autograd records
+(grad enabled and the input requires grad) both use ``torch.gather`` / ``scatter`` on the values
+themselves (:func:`records_grad`).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["put_rows", "take_rows", "wide_view"]
+__all__ = ["put_rows", "records_grad", "take_rows", "wide_view"]
 
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)  # widest first
 
@@ -39,6 +41,11 @@ def wide_view(x: torch.Tensor) -> torch.Tensor:
     return x if same is None or x.dim() == 0 else x.view(same)
 
 
+def records_grad(x: torch.Tensor) -> bool:
+    """True where autograd records an operation on ``x``: a copy through integer words would cut it off."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def take_rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     """The rows ``sel`` (B, Lc) of ``x`` (B, L, D): (B, Lc, D), the values of
     ``torch.gather(x, 1, sel[..., None].expand(-1, -1, D))``, moved as stored in the widest words a row
@@ -46,6 +53,8 @@ def take_rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3 or sel.dim() != 2 or sel.shape[0] != x.shape[0]:
         raise ValueError(f"take_rows: x (B, L, D) and sel (B, Lc) expected; got {tuple(x.shape)} and "
                          f"{tuple(sel.shape)}")
+    if records_grad(x):
+        return torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1]))
     wide = wide_view(x)
     out = torch.gather(wide, 1, sel[..., None].expand(-1, -1, wide.shape[-1]))
     return out.view(x.dtype)
@@ -60,6 +69,8 @@ def put_rows(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
         raise ValueError(f"put_rows: src (B, Lc, D) and idx (B, Lc) expected; got {tuple(src.shape)} and "
                          f"{tuple(idx.shape)}")
     full = src.new_zeros(src.shape[0], length, src.shape[-1])
+    if records_grad(src):
+        return full.scatter(1, idx[..., None].expand(-1, -1, src.shape[-1]), src)
     wide_src, wide_full = wide_view(src.contiguous()), wide_view(full)  # same words: both contiguous
     wide_full.scatter_(1, idx[..., None].expand(-1, -1, wide_full.shape[-1]), wide_src)
     return full

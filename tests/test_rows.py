@@ -77,3 +77,26 @@ def test_bad_shapes_say_what_was_received():
         rows.take_rows(x, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"put_rows: .* got \(2, 4, 8\) and \(2, 3\)"):
         rows.put_rows(x, torch.zeros(2, 3, dtype=torch.long), 6)
+
+
+def test_gradients_flow_through_gathers_and_scatters_where_autograd_records():
+    sel = _sel(2, 9, 5, seed=3)
+    index = sel[..., None].expand(-1, -1, 16)
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    weights = torch.randn(2, 5, 16)
+    (rows.take_rows(x, sel) * weights).sum().backward()
+    want = torch.zeros(2, 9, 16).scatter(1, index, weights)  # d/dx of the gathered rows' weighted sum
+    assert torch.equal(x.grad, want)
+    src = torch.randn(2, 5, 16, requires_grad=True)
+    full = rows.put_rows(src, sel, 9)
+    assert torch.equal(full.detach(), torch.zeros(2, 9, 16).scatter(1, index, src.detach()))
+    (full * torch.arange(9.0)[None, :, None]).sum().backward()
+    assert torch.equal(src.grad, sel[..., None].float().expand(-1, -1, 16))  # each row's weight: its slot
+    with torch.no_grad():  # nothing recorded: the integer words again, the same values
+        assert not rows.records_grad(x)
+        assert torch.equal(rows.take_rows(x, sel), torch.gather(x, 1, index))
+    from fitprune.reslice import gather_seq
+
+    table = torch.randn(1, 9, 16, requires_grad=True)
+    gather_seq(table, sel).sum().backward()
+    assert torch.equal(table.grad[0], torch.zeros(9, 16).index_add(0, sel.flatten(), torch.ones(10, 16)))
