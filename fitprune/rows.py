@@ -1,7 +1,8 @@
 """Row gathers of the hidden states: the survivors' rows of a (B, L, D) tensor, moved in wide words.
 
-A pruning layer gathers the survivors' rows of the hidden states twice (the MLP's input and the layer's
-output). ``torch.gather`` with the slot index broadcast over the hidden size moves one element per
+A pruning layer gathers the survivors' rows of the hidden states: once, at the input of the norm before
+the MLP (:func:`fitprune.mlp_rows.norm_before_mlp`), or else at the MLP's input and the layer's output.
+``torch.gather`` with the slot index broadcast over the hidden size moves one element per
 thread, and for bf16 that is 2 bytes: on the H100 it ran at about a third of the memory bandwidth
 (`scripts/profile_prefill.py`, LLaVA-NeXT batch 8: 0.23 ms per gather of about 130 MB).
 
