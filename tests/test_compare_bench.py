@@ -31,7 +31,8 @@ def _write(path, rows):
 def _run(tmp_path, old_values, new_values):
     """Files of one pair: unpruned 100 ms, three pruned labels, eager and graphed, plus a row of another metric."""
     def rows(values):
-        out = [_row("unpruned", values[0], method="unpruned"), _row("unpruned", values[0], graphs=True, method="unpruned"),
+        out = [_row("unpruned", values[0], method="unpruned"),
+               _row("unpruned", values[0], graphs=True, method="unpruned"),
                _row("fitprune@40", 1.0, metric="prefill_ms")]
         for i, v in enumerate(values[1:]):
             out.append(_row(f"fitprune@{40 + 10 * i}", v, graphs=i % 2 == 1, flops=0.5, ratio=v / values[0]))

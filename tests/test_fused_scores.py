@@ -187,6 +187,23 @@ def _check_lse(dtype, device, q_len=50, **kw):
         torch.testing.assert_close(g, w, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
+def test_pass2_tiles_take_the_lse_tiles_where_there_are_enough_of_them():
+    lse = (fused_scores.LSE_BLOCK_M, fused_scores.LSE_BLOCK_N, fused_scores.LSE_WARPS)
+    n, warps = fused_scores.BLOCK_N, fused_scores.CROSS_SELF_WARPS
+    programs = 4 * 132  # an H100's or H200's multiprocessors
+    # first pruning layers of the 7B geometries (batch, scored rows, keys): batch 8 everywhere, NeXT at batch 1
+    for bsz, rows, keys in ((8, 2968, 3003), (8, 616, 651), (8, 1009, 1045), (1, 2968, 3003)):
+        assert fused_scores.pass2_tiles(bsz, rows, keys, True, programs) == lse
+    # LLaVA-1.5 and Qwen2-VL at batch 1: 30 and 72 LSE tiles for 132 multiprocessors
+    assert fused_scores.pass2_tiles(1, 616, 651, True, programs) == (64, n, warps)
+    assert fused_scores.pass2_tiles(1, 1009, 1045, True, programs) == (64, n, warps)
+    # two passes keep their tiles at any size; given tiles are kept, with the mode's warps
+    assert fused_scores.pass2_tiles(8, 2968, 3003, False, programs) == (128, n, warps)
+    assert fused_scores.pass2_tiles(1, 616, 651, True, programs, 128, 128) == lse
+    assert fused_scores.pass2_tiles(8, 2968, 3003, True, programs, 64, 64) == (64, 64, fused_scores.LSE_WARPS)
+    assert fused_scores.pass2_tiles(8, 616, 651, False, programs, block_m=32) == (32, n, warps)
+
+
 @interpreted
 def test_interpreted_lse_entry_matches_float32_reference(interpreter):
     _check_lse(torch.float32, "cpu", block_m=16, block_n=16, splits=2)
@@ -327,10 +344,11 @@ def test_cuda_flags_entry_equals_explicit_weights(monkeypatch):
 def test_cuda_lse_entry_matches_float32_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     _check_lse(torch.bfloat16, "cuda")
-    _check_lse(torch.bfloat16, "cuda", q_len=333)  # the LSE tiles (128 × 128, 16 warps), the last ones partial
-    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64, block_n=64)  # two-pass tiles, under 16 warps
+    _check_lse(torch.bfloat16, "cuda", q_len=333)  # too few LSE tiles for the GPU: the two-pass ones (pass2_tiles)
+    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=128, block_n=128)  # LSE tiles, 16 warps, partial
+    _check_lse(torch.bfloat16, "cuda", q_len=333, block_m=64, block_n=64)  # two-pass tiles under 16 warps
     assert fused_scores.pass2_rows(2100 - 5) == 128  # from LONG_ROWS on, two passes take 128-row tiles
-    _check_lse(torch.bfloat16, "cuda", q_len=2100)
+    _check_lse(torch.bfloat16, "cuda", q_len=2100)  # 3 × 17 × 17 LSE tiles: the default takes them
 
 
 @pytest.mark.gpu

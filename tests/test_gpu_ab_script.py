@@ -41,8 +41,9 @@ def test_gpu_ab_runs_old_and_new_and_bundles_them(tmp_path):
     assert all(r["rows"] and not r["errors"] for r in results.values())
     assert results["old"]["meta"]["fitprune"] == "old-side"  # each side imported its own tree
     assert results["new"]["meta"]["fitprune"] != "old-side"
-    cmp = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_bench.py"), str(back / "llava-1.5-7b-old.json"),
-                          str(back / "llava-1.5-7b-new.json")], capture_output=True, text=True, timeout=120)
+    cmp = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_bench.py"),
+                          str(back / "llava-1.5-7b-old.json"), str(back / "llava-1.5-7b-new.json")],
+                         capture_output=True, text=True, timeout=120)
     assert cmp.returncode == 0 and "pair 1: llava-1.5-7b batch 1: pruned new/old" in cmp.stdout
 
 

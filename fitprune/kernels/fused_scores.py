@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from . import FUSED_SCORES_ENV as ENV_VAR  # "0": the default setting is off (the pruner then uses fitprune.scoring)
 
-__all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "pass2_rows", "supported"]
+__all__ = ["ENV_VAR", "available", "fused_cross_self", "fused_cross_self_flags", "pass2_rows", "pass2_tiles",
+           "supported"]
 
 NEG = torch.finfo(torch.float32).min  # the torch path's "masked" bias
 # Tile shapes, measured on the H200 (batch 8, bf16, the first pruning layer;
@@ -65,9 +66,10 @@ ROW_STATS_BLOCK_M = 64
 # pass 2 keeps a head-max tile, a bias tile and the logits live: 8 warps keep it free of register spills
 # (bf16, hd 128, sm_90: pass 1 ~140 registers at 4 warps, pass 2 ~245 at 8)
 ROW_STATS_WARPS, CROSS_SELF_WARPS = 4, 8
-# Pass 2 on the attention's log-sum-exp (the pruner's path under SDPA) takes its own tiles: 128 rows ×
-# 128 keys with 16 warps. A causal tile's bias is made after the head loop, so only the head-max tile and
-# the logits stay live. H100, batch 8, the first pruning layer (scripts/bench_scores_kernel.py):
+# Pass 2 on the attention's log-sum-exp (the pruner's path under SDPA) takes its own tiles where there are
+# enough of them (pass2_tiles): 128 rows × 128 keys with 16 warps. A causal tile's bias is made after the
+# head loop, so only the head-max tile and the logits stay live. H100, batch 8, the first pruning layer
+# (scripts/bench_scores_kernel.py):
 # * among tiles, one run (--tiles 128x128:16:3, benchmarks/h100-2026-12-06-s30-scores-kernel.*): against
 #   the 64 / 128 × 64 tiles with 8 warps, LLaVA-1.5 0.209 -> 0.183 ms, LLaVA-NeXT 1.418 -> 1.312 ms,
 #   Qwen2-VL 0.332 -> 0.265 ms; with two passes the same tiles were slower;
@@ -349,8 +351,7 @@ def fused_cross_self(
     Equals ``scoring.cross_self(scoring.head_max_probs(query, key, mask, scaling, row_start), text_rows,
     visual_rows)`` up to float rounding. ``splits``: groups of row blocks per column block, each writing
     its own partial sums (default: enough programs to fill the GPU). ``block_m`` / ``block_n``: pass 2's
-    tile rows / keys (None: :func:`pass2_rows` / BLOCK_N; on the attention's log-sum-exp, LSE_BLOCK_M /
-    LSE_BLOCK_N), ``stats_block_m``: pass 1's tile rows; powers of two >= 16.
+    tile rows / keys (None: :func:`pass2_tiles`), ``stats_block_m``: pass 1's tile rows; powers of two >= 16.
     """
     _check(query, key, text_rows, visual_rows, row_start)
     return _scores(query, key, mask, scaling, row_start, (text_rows, visual_rows), None, splits,
@@ -404,6 +405,24 @@ def pass2_rows(n_rows: int) -> int:
     return LONG_BLOCK_M if n_rows >= LONG_ROWS else BLOCK_M
 
 
+def pass2_tiles(bsz: int, n_rows: int, kv_len: int, on_lse: bool, programs: int,
+                block_m: int | None = None, block_n: int | None = None) -> tuple[int, int, int]:
+    """Pass 2's (rows, keys, warps) per tile; ``programs``: those that fill the GPU (4 per multiprocessor).
+    ``block_m`` / ``block_n`` given: those, with the warps of the mode (LSE_WARPS on the attention's
+    log-sum-exp, else CROSS_SELF_WARPS). Else, on the attention's log-sum-exp (``on_lse``), the LSE tiles
+    where there are at least as many of them, bsz × ⌈rows / LSE_BLOCK_M⌉ × ⌈keys / LSE_BLOCK_N⌉, as
+    multiprocessors: every 7B geometry's first pruning layer at batch 8, where they were measured, and
+    LLaVA-NeXT at batch 1. Smaller problems keep the two-pass tiles, which make 3-4 × as many programs
+    (LLaVA-1.5 at batch 1: 30 LSE tiles, 36 programs for 132 multiprocessors; not measured)."""
+    if block_m is not None or block_n is not None:
+        warps = LSE_WARPS if on_lse else CROSS_SELF_WARPS
+        return (pass2_rows(n_rows) if block_m is None else block_m), (BLOCK_N if block_n is None else block_n), warps
+    tiles = bsz * -(-n_rows // LSE_BLOCK_M) * -(-kv_len // LSE_BLOCK_N)
+    if on_lse and 4 * tiles >= programs:
+        return LSE_BLOCK_M, LSE_BLOCK_N, LSE_WARPS
+    return pass2_rows(n_rows), BLOCK_N, CROSS_SELF_WARPS
+
+
 def _flag_bytes(t: torch.Tensor) -> torch.Tensor:
     t = t if t.stride(-1) == 1 else t.contiguous()
     return t.view(torch.uint8) if t.dtype == torch.bool else t
@@ -418,13 +437,10 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     bsz, n_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     n_rows = q_len - row_start
-    if lse is None:
-        block_m = pass2_rows(n_rows) if block_m is None else block_m
-        block_n, warps = BLOCK_N if block_n is None else block_n, CROSS_SELF_WARPS
-    else:
-        block_m = LSE_BLOCK_M if block_m is None else block_m
-        block_n, warps = LSE_BLOCK_N if block_n is None else block_n, LSE_WARPS
     device = query.device
+    programs = _programs(device.index if device.index is not None else torch.cuda.current_device()) \
+        if query.is_cuda else 2
+    block_m, block_n, warps = pass2_tiles(bsz, n_rows, kv_len, lse is not None, programs, block_m, block_n)
     if n_rows == 0 or kv_len == 0:
         zeros = torch.zeros(bsz, kv_len, dtype=torch.float32, device=device)
         return zeros, zeros.clone()
@@ -465,8 +481,6 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     # pass 2: max over heads, weighted sums over rows; `splits` partials per column block
     n_cb = triton.cdiv(kv_len, block_n)
     if splits is None:
-        programs = _programs(device.index if device.index is not None else torch.cuda.current_device()) \
-            if query.is_cuda else 2
         splits = triton.cdiv(programs, bsz * n_cb)
     splits = max(1, min(int(splits), triton.cdiv(n_rows, block_m)))
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
