@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import records_grad, wide_view
+from .rows import gather_rows
 
 __all__ = ["decode_mask", "gather_seq", "gather_tables", "layer_kwargs", "mask_fill", "prefill_mask",
            "stack_tables"]
@@ -20,16 +20,11 @@ __all__ = ["decode_mask", "gather_seq", "gather_tables", "layer_kwargs", "mask_f
 
 def gather_seq(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather positions along dim -2 of (..., B|1, L, D) with idx (B, Lc) → (..., B, Lc, D); the rows move
-    as stored, in the widest integer words a row allows (:func:`fitprune.rows.wide_view`; as values
-    where autograd records, :func:`fitprune.rows.records_grad`)."""
+    as stored, in the widest integer words a row allows (:func:`fitprune.rows.gather_rows`)."""
     lead = t.shape[:-3]
     bsz, lc = idx.shape
     t = t.expand(*lead, bsz, t.shape[-2], t.shape[-1])
-    if records_grad(t):  # Tensor.view(dtype) carries no gradient
-        return torch.gather(t, -2, idx[..., None].expand(*lead, bsz, lc, t.shape[-1]))
-    wide = wide_view(t)
-    index = idx[..., None].expand(*lead, bsz, lc, wide.shape[-1])
-    return torch.gather(wide, -2, index).view(t.dtype)
+    return gather_rows(t, idx.expand(*lead, bsz, lc))
 
 
 def stack_tables(tables) -> torch.Tensor | None:

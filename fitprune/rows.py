@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["put_rows", "records_grad", "take_rows", "wide_view"]
+__all__ = ["gather_rows", "put_rows", "records_grad", "take_rows", "wide_view"]
 
 _WORDS = (torch.int64, torch.int32, torch.int16, torch.uint8)  # widest first
 
@@ -54,11 +54,17 @@ def take_rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
     if x.dim() != 3 or sel.dim() != 2 or sel.shape[0] != x.shape[0]:
         raise ValueError(f"take_rows: x (B, L, D) and sel (B, Lc) expected; got {tuple(x.shape)} and "
                          f"{tuple(sel.shape)}")
-    if records_grad(x):
-        return torch.gather(x, 1, sel[..., None].expand(-1, -1, x.shape[-1]))
+    return gather_rows(x, sel)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` (..., Lc) along dim -2 of ``x`` (..., L, D), the leading dims alike: (..., Lc, D),
+    moved as stored in the widest words a row allows (:func:`wide_view`), or as values where autograd
+    records (:func:`records_grad`). :func:`take_rows` checks its shapes and calls this."""
+    if records_grad(x):  # neither integer words nor Tensor.view(dtype) carry a gradient
+        return torch.gather(x, -2, index[..., None].expand(*index.shape, x.shape[-1]))
     wide = wide_view(x)
-    out = torch.gather(wide, 1, sel[..., None].expand(-1, -1, wide.shape[-1]))
-    return out.view(x.dtype)
+    return torch.gather(wide, -2, index[..., None].expand(*index.shape, wide.shape[-1])).view(x.dtype)
 
 
 def put_rows(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:

@@ -126,7 +126,6 @@ def _range_times(prof, cuda: bool, repeats: int, by_kernel: dict, counts: dict) 
     kernels are launched outside any aten op, so no host event carries them: they are added by name
     (:data:`TRITON_STAGES`) from ``by_kernel`` / ``counts`` (ms and launches per kernel name)."""
     names = {name: key for key, name in RANGES.items()}
-    ranges = {key: 0.0 for key in RANGES}
     per_kernel: dict[str, dict[str, list]] = {key: defaultdict(lambda: [0.0, 0]) for key in RANGES}
 
     def walk(evt, key):
@@ -148,12 +147,9 @@ def _range_times(prof, cuda: bool, repeats: int, by_kernel: dict, counts: dict) 
         key = TRITON_STAGES.get(name)
         if key is not None:
             per_kernel[key][name] = [ms, counts[name]]  # ms per prefill, launches over all repeats (as walk)
-    out = {}
-    for key, kernels in per_kernel.items():
-        ranges[key] = sum(ms for ms, _ in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6]
-        out[key] = [(name[:90], ms, n / repeats) for name, (ms, n) in top]
-    return ranges, out
+    ranges = {key: sum(ms for ms, _ in kernels.values()) for key, kernels in per_kernel.items()}
+    top = {key: sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6] for key, kernels in per_kernel.items()}
+    return ranges, {key: [(name[:90], ms, n / repeats) for name, (ms, n) in kernels] for key, kernels in top.items()}
 
 
 def main(argv=None) -> int:
