@@ -211,6 +211,16 @@ def _row_stats(
 
 
 @_jit
+def _head_max(a_max, Q, LSE_IN, kt, h, rows, row_ok, d, d_ok, row_start, sqh, sqr, sqd, stat_b, ssh, ssr, stat_off,
+              scaling, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROUND: tl.constexpr):
+    """Pass 2's running max over heads, taking head ``h``: max(a_max, logit - lse) of the rows against kᵀ."""
+    q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+    lse_r = tl.load(LSE_IN + stat_b + h * ssh + (stat_off + rows) * ssr, mask=row_ok, other=0.0)
+    return tl.maximum(a_max, _logits(q, kt, scaling, IEEE, INTERPRET, ROUND) - lse_r[:, None])
+
+
+@_jit
 def _cross_self(
     Q, K, MASK, LSE_IN, W_T, W_V, VALID, INV, OUT,
     sqb, sqh, sqr, sqd,
@@ -220,7 +230,7 @@ def _cross_self(
     ssb, ssh, ssr, stat_off,  # strides of the row statistics and the row they start at
     n_heads, groups, n_rows, kv_len, row_start, causal_off, head_dim, scaling, n_splits,
     MASK_MODE: tl.constexpr, IEEE: tl.constexpr, INTERPRET: tl.constexpr, ROW_FLAGS: tl.constexpr,
-    ROUND: tl.constexpr,
+    ROUND: tl.constexpr, GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Pass 2: partial c and s of one (column block, split, b) into OUT (B, splits, 2, Lkv).
@@ -267,14 +277,20 @@ def _cross_self(
             go = (tl.max(bias) > NEG_F) & (tl.max(w_t + w_v) > 0)  # something allowed, some row scored
         if go:
             a_max = tl.full([BLOCK_M, BLOCK_N], NEG_F, tl.float32)  # max over heads of logit - lse
-            for h in range(n_heads):
-                q_ptrs = Q + h * sqh + (row_start + rows)[:, None] * sqr + d[None, :] * sqd
-                q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
-                k_ptrs = K + (h // groups) * skh + cols[None, :] * skn + d[:, None] * skd
-                kt = tl.load(k_ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-                stat = b * ssb + h * ssh + (stat_off + rows) * ssr
-                lse_r = tl.load(LSE_IN + stat, mask=row_ok, other=0.0)
-                a_max = tl.maximum(a_max, _logits(q, kt, scaling, IEEE, INTERPRET, ROUND) - lse_r[:, None])
+            k_tile = K + cols[None, :] * skn + d[:, None] * skd
+            k_ok = col_ok[None, :] & d_ok[:, None]
+            if GROUPS == 1:  # one loop over the heads: the pipeliner prefetches q and k of the next head
+                for h in range(n_heads):
+                    kt = tl.load(k_tile + h * skh, mask=k_ok, other=0.0)  # (BD, BN)
+                    a_max = _head_max(a_max, Q, LSE_IN, kt, h, rows, row_ok, d, d_ok, row_start, sqh, sqr, sqd,
+                                      b * ssb, ssh, ssr, stat_off, scaling, IEEE, INTERPRET, ROUND)
+            else:  # grouped keys: each key tile loaded once for the GROUPS query heads that share it
+                for kvh in range(n_heads // GROUPS):
+                    kt = tl.load(k_tile + kvh * skh, mask=k_ok, other=0.0)
+                    for g in range(GROUPS):
+                        a_max = _head_max(a_max, Q, LSE_IN, kt, kvh * GROUPS + g, rows, row_ok, d, d_ok, row_start,
+                                          sqh, sqr, sqd, b * ssb, ssh, ssr, stat_off, scaling, IEEE, INTERPRET,
+                                          ROUND)
             if MASK_MODE == 0:  # not live through the head loop: registers for the tile
                 bias = _tile_bias(MASK, rows, cols, row_ok, col_ok, smr, smn, row_start, causal_off, MASK_MODE)
             # masked: + float32 min gives exp 0; a dead row (lse float32 min) gets a finite p and weight 0
@@ -487,7 +503,7 @@ def _scores(query, key, mask, scaling: float, row_start: int, rows, flags, split
     partial = torch.empty(bsz, splits, 2, kv_len, dtype=torch.float32, device=device)
     _cross_self[(n_cb, splits, bsz)](query, key, mask_t, row_lse, *weights, partial, *strides, *flag_strides,
                                      *stats, *geometry, splits, **common, ROW_FLAGS=flags is not None,
-                                     ROUND=lse is None, BLOCK_M=block_m, num_warps=warps,
+                                     ROUND=lse is None, GROUPS=geometry[1], BLOCK_M=block_m, num_warps=warps,
                                      num_stages=STAGES)
     cs = partial[:, 0] if splits == 1 else partial.sum(1)  # (B, 2, Lkv)
     if uniform is not None:
