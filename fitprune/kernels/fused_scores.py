@@ -13,10 +13,12 @@ Computes what ``scoring.cross_self(scoring.head_max_probs(...), text_rows, visua
    head, is added once, after the max. Each split writes its own partial (no atomics, deterministic);
    the splits are summed in torch. Grid (B, splits, Lkv / BLOCK_N): blocks start x fastest, so under a
    causal mask the column blocks with the most rows start first (longest first: no long program left for
-   the end). Under grouped keys (GQA) the head loop
-   runs over key heads, and each key tile is loaded once for the query heads that share it (Qwen2-VL-7B's
-   7: first pruning layer at batch 8 on the H100, 0.261 -> 0.242 ms on the attention's LSE,
-   benchmarks/h100-2026-12-06-s31-scores-kernel-b8.log).
+   the end; H100, batch 8, first pruning layer on the attention's LSE: NeXT 1.314 -> 1.103 ms, Qwen2-VL
+   0.282 -> 0.267 ms against the grid (Lkv / BLOCK_N, splits, B), one run,
+   benchmarks/h100-2026-12-06-s31-order-scores-kernel-b8.log; end to end not resolved). Under grouped
+   keys (GQA) the head loop runs over key heads, and each key tile is loaded once for the query heads
+   that share it (Qwen2-VL-7B's 7: first pruning layer at batch 8 on the H100, 0.261 -> 0.242 ms on the
+   attention's LSE, benchmarks/h100-2026-12-06-s31-gqa-scores-kernel-b8.log).
 
 Logits are recomputed in pass 2 (2 × the q·kᵀ FLOPs of one head-chunk pass) and never stored: memory is
 O(B·H·R) instead of the (B, h, R, Lkv) float32 chunk of the torch path.
