@@ -247,7 +247,8 @@ def _cross_self(
     are (B, Lq) bool flags (text rows, visual rows; a text row counts where VALID is set too) and INV
     (B, 2) float32 holds 1/|T|, 1/|V|: the same weights without materialising them.
     Row statistics: LSE_IN is pass 1's log-sum-exp (ROUND True: logits rounded as pass 1 rounds them) or
-    the attention's own (B, H, Lq) (ROUND False: float32 logits, as flash computes them); p = exp(logit - lse)."""
+    the attention's own (B, H, Lq) (ROUND False: float32 logits, as flash computes them); p = exp(logit - lse).
+    GROUPS: query heads per key head, as a constexpr (it shapes the head loop; ``groups`` is not read here)."""
     NEG_F: tl.constexpr = -3.4028234663852886e38
     b = tl.program_id(0)  # blocks start in grid order, x fastest: all of column block 0 (under a causal
     split = tl.program_id(1)  # mask the most rows) first, the last column block (the fewest) last, so the
