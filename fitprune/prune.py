@@ -342,7 +342,7 @@ class Pruner:
     def _norm_pre(self, i: int):
         def hook(norm, args):  # the norm between the residual and the MLP of a folded layer (mlp_rows)
             state = self.prefill
-            if state is None or i not in state.pending or not self._fold_now or i not in self._fold_mlp:
+            if state is None or i not in state.pending or not self._fold_now:  # registered on folded layers only
                 return None
             sel, _ = self._selection(state, i)
             with stage("compaction"):
