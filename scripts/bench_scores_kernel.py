@@ -11,13 +11,15 @@ expensive one), on random bf16 queries and keys:
   (``BMxBN:WARPS:STAGES[:ROWS1]``: pass 2's tile rows × keys, warps and stages; ``ROWS1``, pass 1's tile
   rows, default ``fused_scores.ROW_STATS_BLOCK_M``, with 4 warps at 64 rows and 8 at more), each with
   the largest relative difference of its scores from the default tiles';
-* with ``--baseline MODULE`` (a file holding another version of ``fitprune/kernels/fused_scores.py``,
-  e.g. ``git show HEAD~1:fitprune/kernels/fused_scores.py > /tmp/old.py``), the same calls on that
-  version, and the largest relative difference of its scores from this version's.
+* with ``--baseline PATH``, the same calls on another version of the kernel, and the largest relative
+  difference of its scores from this version's. PATH is a tree holding that version's ``fitprune/kernels``
+  (``git archive OLD fitprune | tar -x -C .baseline``, then ``--baseline .baseline``), or that package
+  directory itself, or, for versions before the kernels left ``fused_scores.py`` (c473ab1 and earlier: one
+  file), that file (``git show OLD:fitprune/kernels/fused_scores.py > /tmp/old.py``).
 
 Prints one table, writes JSON rows (``--out``) as each geometry finishes. CUDA only::
 
-    python scripts/bench_scores_kernel.py --out benchmarks/scores-kernel.json [--baseline /tmp/old.py]
+    python scripts/bench_scores_kernel.py --out benchmarks/scores-kernel.json [--baseline .baseline]
 """
 
 from __future__ import annotations
@@ -45,10 +47,27 @@ GEOMETRIES = {
 
 
 def _load(path: str):
-    spec = importlib.util.spec_from_file_location("fitprune.kernels._baseline_scores", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its relative import resolves inside fitprune.kernels
-    return module
+    """The baseline's ``fused_scores`` module: from a single file, its relative imports resolve inside this
+    tree's ``fitprune.kernels``; from a tree, the baseline's whole kernels package is loaded under another
+    name, so its ``fused_scores`` launches its own kernels."""
+    where = Path(path)
+    if where.is_file():
+        spec = importlib.util.spec_from_file_location("fitprune.kernels._baseline_scores", where)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    package = where / "fitprune" / "kernels" if (where / "fitprune" / "kernels").is_dir() else where
+    if not (package / "__init__.py").is_file() or not (package / "fused_scores.py").is_file():
+        raise SystemExit(f"--baseline {path}: expected a fused_scores.py file, a tree with fitprune/kernels/, or "
+                         "a kernels package directory (with __init__.py and fused_scores.py)")
+    name = "_baseline_kernels"
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:  # a package loaded before
+        del sys.modules[loaded]
+    spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[name])
+    return importlib.import_module(f"{name}.fused_scores")
 
 
 def _time(fn, repeats: int) -> float:
@@ -172,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--geometries", default=",".join(GEOMETRIES))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--baseline", help="a file with another version of fitprune/kernels/fused_scores.py")
+    p.add_argument("--baseline", help="another version of the kernel: a tree with fitprune/kernels/, that package "
+                                      "directory, or (one-file versions) its fused_scores.py")
     p.add_argument("--tiles", default="", help="comma list of BMxBN:WARPS:STAGES[:ROWS1] tile settings to try too")
     p.add_argument("--out", help="JSON file for the rows (rewritten after each geometry)")
     args = p.parse_args(argv)

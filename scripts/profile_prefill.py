@@ -9,7 +9,9 @@ gather/scatter/index, norm/elementwise, other) with the top kernels. A JSON of t
 ``--out``. The "fused scoring" and "sort/select" categories are fitprune's scoring and selection
 kernels (the stock model runs no sorts); the small elementwise kernels around them count elsewhere.
 The library marks its own stages with profiler ranges (``fitprune.profiling``: input_stage, scoring,
-selection, dart, compaction, reslice); the kernel time launched inside each, and its top kernels, are printed too.
+selection, dart, compaction, reslice); the kernel time and launches inside each, and its top kernels,
+are printed too. The JSON also holds every kernel (name, ms and launches per prefill), overall and per
+range.
 
     python scripts/profile_prefill.py --geometry llava-1.5-7b --batches 1,8 --recipes 70
     python scripts/profile_prefill.py --geometry llava-next-7b --batches 8 --recipes 40 --twins fastv,random
@@ -113,15 +115,16 @@ def _profile(model, inputs, repeats: int) -> dict:
         by_cat[category(name)] += ms
     top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
     ranges, range_kernels = _range_times(prof, cuda, repeats, by_kernel, counts)
+    every = sorted(by_kernel.items(), key=lambda kv: -kv[1])
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
-            "range_kernels": range_kernels,
+            "range_kernels": range_kernels, "kernels": [(name, ms, counts[name] / repeats) for name, ms in every],
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
             "top": [(name[:90], ms, counts[name] / repeats) for name, ms in top]}
 
 
 def _range_times(prof, cuda: bool, repeats: int, by_kernel: dict, counts: dict) -> tuple[dict, dict]:
     """Per fitprune range: the time of the kernels launched inside it (on the CPU: the aten ops' self
-    time), ms per prefill, and its top kernels. Read from the host-side range events and their
+    time), ms per prefill, and its kernels, the longest first. Read from the host-side range events and their
     children, so GPU-side annotation spans (which include idle gaps) are not counted. Triton's
     kernels are launched outside any aten op, so no host event carries them: they are added by name
     (:data:`TRITON_STAGES`) from ``by_kernel`` / ``counts`` (ms and launches per kernel name)."""
@@ -148,8 +151,8 @@ def _range_times(prof, cuda: bool, repeats: int, by_kernel: dict, counts: dict) 
         if key is not None:
             per_kernel[key][name] = [ms, counts[name]]  # ms per prefill, launches over all repeats (as walk)
     ranges = {key: sum(ms for ms, _ in kernels.values()) for key, kernels in per_kernel.items()}
-    top = {key: sorted(kernels.items(), key=lambda kv: -kv[1][0])[:6] for key, kernels in per_kernel.items()}
-    return ranges, {key: [(name[:90], ms, n / repeats) for name, (ms, n) in kernels] for key, kernels in top.items()}
+    every = {key: sorted(kernels.items(), key=lambda kv: -kv[1][0]) for key, kernels in per_kernel.items()}
+    return ranges, {key: [(name[:90], ms, n / repeats) for name, (ms, n) in kernels] for key, kernels in every.items()}
 
 
 def main(argv=None) -> int:
@@ -210,10 +213,12 @@ def main(argv=None) -> int:
                   f"{res['launches']:.0f} launches")
             if recipe is not None and not graphs:
                 share = {k: 100 * v / res["kernel_ms"] for k, v in res["fitprune_ranges_ms"].items()}
+                launches = {k: sum(n for _, _, n in top) for k, top in res["range_kernels"].items()}
                 print(f"   fitprune ranges ({span}): " + ", ".join(
-                    f"{k} {v:.2f} ms ({share[k]:.1f} %)" for k, v in res["fitprune_ranges_ms"].items() if v))
+                    f"{k} {v:.2f} ms ({share[k]:.1f} %, {launches[k]:.0f} launches)"
+                    for k, v in res["fitprune_ranges_ms"].items() if v))
                 for key, top in res["range_kernels"].items():
-                    for name, ms, n in top:
+                    for name, ms, n in top[:6]:
                         print(f"     {key:<12} {ms:7.2f} ms  x{n:<5.0f} {name}")
             for cat, ms in sorted(res["by_category"].items(), key=lambda kv: -kv[1]):
                 print(f"   {cat:<22} {ms:8.2f} ms  {100 * ms / res['kernel_ms']:5.1f} %")

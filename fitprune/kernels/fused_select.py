@@ -28,7 +28,7 @@ try:  # optional: CPU installs and CI have no Triton
 except ImportError:  # pragma: no cover - depends on the environment
     triton = tl = None
 
-from .fused_scores import _interpreting, _jit
+from .fused_scores_jit import _interpreting, _jit
 
 __all__ = ["MAX_SLOTS", "can_run", "for_state", "fused_select_compact"]
 
