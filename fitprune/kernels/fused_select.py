@@ -30,9 +30,18 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from .fused_scores_jit import _interpreting, _jit
 
-__all__ = ["MAX_SLOTS", "can_run", "for_state", "fused_select_compact"]
+__all__ = ["MAX_SLOTS", "can_run", "for_state", "fused_select_compact", "warps"]
 
 MAX_SLOTS = 8192  # slots per row kept in registers (LLaVA-NeXT's ~3000 need 4096)
+
+
+def warps(block: int) -> int:
+    """Warps of the one program per row for a row of ``block`` slots (a power of two): 4 up to 1024, 8 at 2048,
+    32 from 4096 on. H100, batch 1 and 8, one run (``scripts/bench_select_kernel.py``,
+    benchmarks/h100-2026-12-06-s32.md): at 4096 slots (LLaVA-NeXT's 3003 rows) 32 warps took 87 µs a call
+    against 112 µs with 8 (16: 122); at 1024 and 2048 slots every choice took 56-68 µs, about what the
+    host takes to launch a call, so those stay as they were. 8192 slots are not measured."""
+    return 4 if block <= 1024 else 8 if block <= 2048 else 32
 
 
 def can_run(scores: torch.Tensor) -> bool:
@@ -127,7 +136,7 @@ def fused_select_compact(scores: torch.Tensor, candidates: torch.Tensor, k: torc
     outputs = [out["drop"].view(torch.int8), out["dropped"], out["sel"], out["valid"].view(torch.int8),
                out["idx"], out["visual"].view(torch.int8), out["text"].view(torch.int8), out["real"].view(torch.int8)]
     _select_compact[(bsz,)](scores.contiguous(), flags[0], flags[1], k.contiguous(), *state, *outputs,
-                            n_slots, new_len, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+                            n_slots, new_len, BLOCK=block, num_warps=warps(block))
     return out
 
 
