@@ -113,9 +113,9 @@ def _profile(model, inputs, repeats: int) -> dict:
     by_cat: dict[str, float] = defaultdict(float)
     for name, ms in by_kernel.items():
         by_cat[category(name)] += ms
-    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:12]
-    ranges, range_kernels = _range_times(prof, cuda, repeats, by_kernel, counts)
     every = sorted(by_kernel.items(), key=lambda kv: -kv[1])
+    top = every[:12]
+    ranges, range_kernels = _range_times(prof, cuda, repeats, by_kernel, counts)
     return {"wall_ms": wall * 1e3, "kernel_ms": sum(by_kernel.values()), "fitprune_ranges_ms": ranges,
             "range_kernels": range_kernels, "kernels": [(name, ms, counts[name] / repeats) for name, ms in every],
             "launches": sum(counts.values()) / repeats, "by_category": dict(by_cat),
