@@ -349,22 +349,30 @@ def build_llava_next(tiny: bool, device, dtype) -> Geometry:
     return geo
 
 
-def build_qwen2_vl(tiny: bool, device, dtype) -> Geometry:
+def qwen2_vl_text(tiny: bool) -> dict:
+    """Qwen2-VL-7B's language model (or the tiny one) as ``Qwen2VLConfig``'s ``text_config``."""
     if tiny:
         text = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=28,
                     num_attention_heads=4, num_key_value_heads=2,
                     rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
-        grid = (1, 24, 48)
-        ids = dict(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
     else:
         text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
                     rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+    text.update(max_position_embeddings=32768, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    return text
+
+
+def build_qwen2_vl(tiny: bool, device, dtype) -> Geometry:
+    text = qwen2_vl_text(tiny)
+    if tiny:
+        grid = (1, 24, 48)
+        ids = dict(image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
+    else:
         grid = (1, 44, 88)  # patches of 14 px: a 616x1232 image → 968 tokens after the 2x2 merge
         ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
-    text.update(max_position_embeddings=32768, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-                eos_token_id=2)
     vision = dict(depth=1, embed_dim=64, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)

@@ -1,0 +1,166 @@
+"""What a pruning schedule costs in time, from a measured per-layer latency curve; a lower bound on the
+time of any schedule at a FLOPs budget.
+
+A pruned prefill runs each decoder layer on the tokens left there. Given ``t(n)``, the time one stock
+layer takes on ``n`` tokens at a batch size (``scripts/bench_layer_latency.py`` measures it, graphed),
+a schedule's prefill costs about ``Σ_l t_l`` with no pruner overhead: selection, compaction and scoring
+come on top. A layer whose attention sees ``n_in`` tokens and whose MLP sees ``n_out`` (tokens drop right
+after the attention) is charged ``w·t(n_in) + (1 - w)·t(n_out)``, ``w`` the attention's share of the
+layer's weights (:func:`attention_share`; weight reads dominate where ``t`` is flat).
+
+Where ``t`` is flat (few tokens, the GEMMs read all their weights for little work) a FLOPs cut buys
+little time, so the FLOPs-ideal speed-up is out of reach there whatever the pruner costs.
+:func:`time_bound` bounds it: over every schedule that keeps all tokens in layer 0 and never adds
+tokens back, the least time at a FLOPs budget under this model (a Lagrangian dynamic programme over
+per-layer counts on a token grid; its ``bound_ms`` is the lower convex envelope of (FLOPs, time) at the
+budget, so no grid schedule keeping those FLOPs is faster, and ``ms`` is a feasible schedule's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cost import LayerCost
+from .flops import ModelDims, recipe_token_schedule
+from .recipe import Recipe
+
+__all__ = ["LatencyCurve", "TimeBound", "attention_share", "schedule_ms", "time_bound"]
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    """``t(n)`` in ms of one decoder layer at ``tokens[i]`` tokens, linear between the points. Below the
+    first point a layer costs ``ms[0]`` (measure from a few tokens); past the last it is an error."""
+
+    tokens: tuple[int, ...]
+    ms: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        tokens, ms = np.asarray(self.tokens), np.asarray(self.ms, dtype=np.float64)
+        if tokens.ndim != 1 or tokens.shape != ms.shape or len(tokens) < 2:
+            raise ValueError(f"a latency curve needs two or more (tokens, ms) points of equal count; got "
+                             f"{tokens.shape} tokens and {ms.shape} times")
+        if not np.issubdtype(tokens.dtype, np.integer) or tokens[0] < 1 or np.any(np.diff(tokens) <= 0):
+            raise ValueError(f"token counts must be positive integers in ascending order; got {list(self.tokens)}")
+        if not np.all(np.isfinite(ms)) or np.any(ms <= 0):
+            raise ValueError(f"times must be finite and positive (ms); got {list(self.ms)}")
+        object.__setattr__(self, "tokens", tuple(int(t) for t in tokens))
+        object.__setattr__(self, "ms", tuple(float(m) for m in ms))
+
+    @classmethod
+    def from_json(cls, curve: dict) -> LatencyCurve:
+        """One ``curves`` entry of ``bench_layer_latency.py``'s JSON."""
+        return cls(tuple(curve["tokens"]), tuple(curve["ms"]))
+
+    def __call__(self, n) -> np.ndarray:
+        n = np.asarray(n, dtype=np.float64)
+        if np.any(n > self.tokens[-1]):
+            raise ValueError(f"the curve was measured up to {self.tokens[-1]} tokens, asked for {float(n.max()):g}; "
+                             "measure it further (bench_layer_latency.py --tokens)")
+        return np.interp(n, self.tokens, self.ms)
+
+
+def attention_share(dims: ModelDims) -> float:
+    """The attention projections' share of a decoder layer's weights (q, k, v, o against the MLP's)."""
+    q_o = 2 * dims.hidden_size * dims.num_heads * dims.head_dim
+    k_v = 2 * dims.hidden_size * dims.num_kv_heads * dims.head_dim
+    mlp = (3 if dims.gated_mlp else 2) * dims.hidden_size * dims.intermediate_size
+    return (q_o + k_v) / (q_o + k_v + mlp)
+
+
+def _layer_ms(curve: LatencyCurve, share: float, n_in, n_out) -> np.ndarray:
+    return share * curve(n_in) + (1.0 - share) * curve(n_out)
+
+
+def schedule_ms(curve: LatencyCurve, dims: ModelDims, recipe: Recipe | None, n_visual: int, n_other: int) -> float:
+    """Σ over layers of the layer time at the recipe's token counts (``None``: unpruned)."""
+    if recipe is None:
+        n = np.full(dims.num_layers, n_visual + n_other)
+        return float(curve(n).sum())
+    attn, mlp = recipe_token_schedule(recipe, n_visual, n_other)
+    return float(_layer_ms(curve, attention_share(dims), np.asarray(attn), np.asarray(mlp)).sum())
+
+
+@dataclass(frozen=True)
+class TimeBound:
+    """The result of :func:`time_bound`. ``bound_ms``: no schedule keeping the budget's FLOPs takes less.
+    ``visual`` (visual tokens left after each layer's attention), ``ms`` and ``reduction`` describe the
+    optimum of the programme nearest the budget on the feasible side: it keeps at least the budget's FLOPs
+    but, where time is about linear in FLOPs (no hull vertex near the budget), it can remove far less."""
+
+    bound_ms: float
+    full_ms: float  # the unpruned prefill under the same curve
+    visual: tuple[int, ...]
+    ms: float  # that schedule's time under the curve
+    reduction: float  # the FLOPs it removes (≤ the budget)
+
+
+def _solve(t: np.ndarray, f: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
+    """min Σ_l (t - λ·f)[l, prev, cur] over non-increasing count indices, starting from the top index.
+    ``t, f``: (L, K, K) costs of a layer entered at index ``prev`` and left at ``cur`` (inf where cur > prev)."""
+    L, K, _ = t.shape
+    best = np.full(K, np.inf)
+    best[K - 1] = 0.0  # layer 0 is entered with every token
+    back = np.zeros((L, K), dtype=np.int64)
+    for layer in range(L):
+        total = best[:, None] + t[layer] - lam * f[layer]  # (prev, cur)
+        back[layer] = np.argmin(total, axis=0)
+        best = total[back[layer], np.arange(K)]
+    path = np.empty(L, dtype=np.int64)
+    path[-1] = int(np.argmin(best))
+    for layer in range(L - 1, 0, -1):
+        path[layer - 1] = back[layer, path[layer]]
+    prev = np.concatenate([[K - 1], path[:-1]])
+    rows = np.arange(L)
+    return path, float(t[rows, prev, path].sum()), float(f[rows, prev, path].sum())
+
+
+def time_bound(curve: LatencyCurve, dims: ModelDims, n_visual: int, n_other: int, budget: float,
+               convention: str = "full", step: int = 8, iterations: int = 60) -> TimeBound:
+    """The least time of a schedule (visual counts on a grid of ``step`` tokens, plus 0 and ``n_visual``)
+    that removes at most ``budget`` of the prefill FLOPs under ``convention`` (time grows with tokens, so
+    the least time sits at the budget); see the module docstring and :class:`TimeBound`."""
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"budget is the fraction of FLOPs to remove, in [0, 1); got {budget!r}")
+    if n_visual < 1 or n_other < 0 or step < 1:
+        raise ValueError(f"need n_visual >= 1, n_other >= 0, step >= 1; got {n_visual}, {n_other}, {step}")
+    counts = np.unique(np.concatenate([np.arange(0, n_visual, step), [n_visual]]))  # (K,) ascending
+    cost = LayerCost(dims, convention)
+    share = attention_share(dims)
+    n_in = counts[:, None] + n_other  # (prev, cur)
+    n_out = counts[None, :] + n_other
+    t1 = _layer_ms(curve, share, n_in, n_out)
+    f1 = cost(np.broadcast_to(n_in, t1.shape), np.broadcast_to(n_out, t1.shape))
+    grows = counts[None, :] > counts[:, None]
+    t1, f1 = np.where(grows, np.inf, t1), np.where(grows, 0.0, f1)
+    L = dims.num_layers
+    t, f = np.broadcast_to(t1, (L, *t1.shape)), np.broadcast_to(f1, (L, *f1.shape))
+    full_ms = float(L * _layer_ms(curve, share, n_visual + n_other, n_visual + n_other))
+    full_f = float(L * cost(np.float64(n_visual + n_other), np.float64(n_visual + n_other)))
+    target = (1.0 - budget) * full_f
+
+    lo_sol = _solve(t, f, 0.0)  # λ = 0: the fastest schedule, FLOPs aside (every visual token dropped early)
+    if lo_sol[2] >= target:
+        path, ms, flops = lo_sol
+        return TimeBound(ms, full_ms, tuple(int(c) for c in counts[path]), ms, 1 - flops / full_f)
+    hi = 1.0 / (abs(full_f) / max(full_ms, 1e-30))  # λ in ms per MAC: start at the unpruned prefill's rate
+    hi_sol = _solve(t, f, hi)
+    while hi_sol[2] < target:  # raise λ until kept FLOPs count for more than time
+        hi *= 4.0
+        hi_sol = _solve(t, f, hi)
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        sol = _solve(t, f, mid)
+        if sol[2] >= target:
+            hi, hi_sol = mid, sol
+        else:
+            lo, lo_sol = mid, sol
+    path, ms, flops = hi_sol
+    # both are optima of T - λF at (nearly) one λ: the line through them supports every schedule, so one
+    # keeping F >= target takes at least the line's time at the target
+    (_, ms_a, f_a), (ms_b, f_b) = lo_sol, (ms, flops)
+    bound = ms_b if f_a == f_b else ms_a + (ms_b - ms_a) * (target - f_a) / (f_b - f_a)
+    return TimeBound(min(bound, ms), full_ms, tuple(int(c) for c in counts[path]), ms, 1 - flops / full_f)
