@@ -24,7 +24,9 @@ cold call of every configuration is reported too, as ``prefill_cold_ms``):
    LLaVA-NeXT the presets ``/40 /60`` plus a *uniform stand-in* for 75; Qwen2-VL uniform stand-ins
    at 0.40 / 0.60 / 0.75 (a uniform schedule, scoring="fitprune", sized with
    ``baselines.for_budget``: it stands in for a fitted recipe, which needs real weights and data);
-3. FastV (K=2) at the FLOPs each FitPrune recipe really removes (``baselines.for_budget``);
+3. FastV (K=2) at the FLOPs each FitPrune recipe really removes (``baselines.for_budget``); with the part
+   ``oneshot``, also that schedule scored by FitPrune's rule (label ``oneshot@P``: one pruning layer, c·s
+   scores, as the search's one-layer seeds with FitPrune scoring), a schedule chosen for time, not FLOPs;
 4. ``collect_stats`` on one batch vs a plain forward of that batch (use_cache=False, full logits);
 5. greedy decode after a pruned prefill vs unpruned (``generate`` with min = max new tokens, after a
    short warm-up call; decode time runs from the end of the prefill forward to the end of the last
@@ -125,7 +127,8 @@ from fitprune.recipe import Recipe, RecipeError  # noqa: E402
 from fitprune.stats import collect_stats  # noqa: E402
 
 GEOMETRIES = ("llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b")
-PARTS = ("prefill", "fastv", "random", "scoring", "memory", "decode", "stats")
+PARTS = ("prefill", "fastv", "random", "scoring", "memory", "decode", "stats", "oneshot")
+DEFAULT_PARTS = PARTS[:-1]  # "oneshot" only when asked
 TORCH_SCORES = "/torch-scores"  # label suffix: the same recipe scored without the fused kernel
 GRAPHS = "+graphs"  # label suffix: the same configuration with the prefill replayed from CUDA graphs
 N_SYSTEM, N_TEXT = 35, 40  # LLaVA-1.5's system prompt before the image; a short question after it
@@ -438,6 +441,13 @@ def _fastv_match(geo: Geometry, m: Method) -> Method:
                   f"FastV K=2 R={recipe.metadata['R']:.3f}, same FLOPs as {m.label}", of=m.label)
 
 
+def _oneshot(fastv: Method) -> Method:
+    """FastV's schedule (one pruning layer) scored by FitPrune's rule (c·s)."""
+    recipe = fastv.recipe.with_updates(scoring="fitprune", method="fitprune")
+    return Method(fastv.label.replace("fastv", "oneshot"), "oneshot", fastv.budget, recipe,
+                  f"FastV's schedule ({fastv.source.split(',')[0]}), FitPrune's scores", of=fastv.of)
+
+
 def _torch_scores_twin(m: Method) -> Method:
     return Method(f"{m.label}{TORCH_SCORES}", m.method, m.budget, m.recipe,
                   f"{m.source}; scores by the torch path (fused kernel off)", of=m.label, torch_scores=True)
@@ -623,14 +633,15 @@ def run_batch(bench: Bench, geo: Geometry, batch: int) -> None:
         methods.append(m)
         if bench.fused == "both" and m.method == "fitprune":
             methods.append(_torch_scores_twin(m))
-        if "fastv" in parts:
+        if "fastv" in parts or "oneshot" in parts:
             try:
-                methods.append(_fastv_match(geo, m))
+                fastv = _fastv_match(geo, m)
+                methods += ([fastv] if "fastv" in parts else []) + ([_oneshot(fastv)] if "oneshot" in parts else [])
             except RecipeError as e:
                 bench.errors.append(f"{geo.name} b{batch} FastV for {m.label}: {e}")
                 print(f"  ! {bench.errors[-1]}", flush=True)
-    controls = [_random_twin(m) for m in methods if m.recipe is not None and not m.torch_scores] \
-        if "random" in parts else []
+    controls = [_random_twin(m) for m in methods if m.recipe is not None and not m.torch_scores
+                and m.method != "oneshot"] if "random" in parts else []  # oneshot: FastV's schedule, its twin
     if bench.graphs == "on":
         methods = [_graphs_twin(m) for m in methods if not m.torch_scores]
         controls = [_graphs_twin(m) for m in controls]
@@ -951,7 +962,7 @@ def parse_args(argv=None):
                    help="timed generate calls after one short warm-up call (default 1: each is a mean over "
                         "new-tokens - 1 decode steps)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per decode run (default 32)")
-    p.add_argument("--parts", default=",".join(PARTS),
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
                    help=f"comma list of {', '.join(PARTS)} (prefill of unpruned + FitPrune always runs)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--sdpa-backends", default="flash,efficient,math",

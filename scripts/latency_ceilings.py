@@ -64,8 +64,8 @@ def shape(visual: tuple[int, ...], n_visual: int) -> str:
 
 
 def recipes(geo: str, info: dict) -> dict[str, Recipe]:
-    """Each measured label's schedule: FitPrune recipes from the file, FastV rebuilt as bench_gpu builds
-    it, random twins with their original's schedule."""
+    """Each measured label's schedule: FitPrune recipes from the file, FastV (and ``oneshot``, FitPrune's scores
+    on FastV's schedule) rebuilt as bench_gpu builds it, random twins with their original's schedule."""
     out = {}
     ns = SimpleNamespace(dims=dims_of(LM[geo]), n_visual=info["n_visual"], n_other=info["n_other"],
                          family=FAMILY[geo], name=geo)
@@ -73,7 +73,7 @@ def recipes(geo: str, info: dict) -> dict[str, Recipe]:
         recipe = Recipe(drop_fractions=tuple(r["drop_fractions"]), family=FAMILY[geo])
         out[label] = recipe
         fastv = _fastv_match(ns, Method(label, "fitprune", None, recipe, ""))
-        out[fastv.label] = fastv.recipe
+        out[fastv.label] = out[fastv.label.replace("fastv", "oneshot")] = fastv.recipe  # oneshot: FastV's schedule
     for label in list(out):
         out[f"{label}/random"] = out[label]
     return out

@@ -122,3 +122,21 @@ def test_compare_bench_reads_real_results(tiny_run, tmp_path, capsys):
     new.write_text(json.dumps(faster))
     assert compare_bench.main([str(old), str(new)]) == 0
     assert f"pruned new/old 0.9000 ± 0.0000 (n = {len(pruned)}, new faster in {len(pruned)})" in capsys.readouterr().out
+
+
+def test_oneshot_is_fastvs_schedule_scored_by_fitprune_and_only_on_request():
+    from types import SimpleNamespace
+
+    from fitprune import preset
+    from fitprune.flops import ModelDims
+
+    bench = _load_script()
+    geo = SimpleNamespace(dims=ModelDims.from_config(bench._llama_text(False, 32000)), n_visual=576, n_other=75,
+                          family="llava", name="llava-1.5-7b")
+    fitted = bench.Method("fitprune@70", "fitprune", 0.7, preset("llava-1.5-7b/70"), "preset llava-1.5-7b/70")
+    fastv = bench._fastv_match(geo, fitted)
+    one = bench._oneshot(fastv)
+    assert (one.label, one.method, one.of) == ("oneshot@70", "oneshot", "fitprune@70")
+    assert one.recipe.drop_fractions == fastv.recipe.drop_fractions  # one pruning layer, FastV's K and R
+    assert (one.recipe.scoring, fastv.recipe.scoring) == ("fitprune", "fastv")
+    assert "oneshot" in bench.PARTS and "oneshot" not in bench.DEFAULT_PARTS
