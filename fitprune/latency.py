@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost import LayerCost
+from .cost import FEASIBLE_EPS, LayerCost
 from .flops import ModelDims, recipe_token_schedule
 from .recipe import Recipe
 
@@ -139,17 +139,21 @@ def time_bound(curve: LatencyCurve, dims: ModelDims, n_visual: int, n_other: int
     t, f = np.broadcast_to(t1, (L, *t1.shape)), np.broadcast_to(f1, (L, *f1.shape))
     full_ms = float(L * _layer_ms(curve, share, n_visual + n_other, n_visual + n_other))
     full_f = float(L * cost(np.float64(n_visual + n_other), np.float64(n_visual + n_other)))
-    target = (1.0 - budget) * full_f
+    target = (1.0 - budget - FEASIBLE_EPS) * full_f  # kept FLOPs; the eps absorbs the sums' rounding
 
     lo_sol = _solve(t, f, 0.0)  # λ = 0: the fastest schedule, FLOPs aside (every visual token dropped early)
     if lo_sol[2] >= target:
         path, ms, flops = lo_sol
         return TimeBound(ms, full_ms, tuple(int(c) for c in counts[path]), ms, 1 - flops / full_f)
-    hi = 1.0 / (abs(full_f) / max(full_ms, 1e-30))  # λ in ms per MAC: start at the unpruned prefill's rate
+    hi = full_ms / full_f  # λ in ms per MAC: start at the unpruned prefill's rate
     hi_sol = _solve(t, f, hi)
-    while hi_sol[2] < target:  # raise λ until kept FLOPs count for more than time
+    for _ in range(200):  # raise λ until kept FLOPs count for more than time (keeping every token meets it)
+        if hi_sol[2] >= target:
+            break
         hi *= 4.0
         hi_sol = _solve(t, f, hi)
+    else:  # pragma: no cover - keeping every token keeps all the FLOPs
+        raise RuntimeError(f"no λ up to {hi:g} keeps {1 - budget:.3f} of the FLOPs; the curve or costs are malformed")
     lo = 0.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
