@@ -86,15 +86,22 @@ def schedule_ms(curve: LatencyCurve, dims: ModelDims, recipe: Recipe | None, n_v
 @dataclass(frozen=True)
 class TimeBound:
     """The result of :func:`time_bound`. ``bound_ms``: no schedule keeping the budget's FLOPs takes less.
-    ``visual`` (visual tokens left after each layer's attention), ``ms`` and ``reduction`` describe the
-    optimum of the programme nearest the budget on the feasible side: it keeps at least the budget's FLOPs
-    but, where time is about linear in FLOPs (no hull vertex near the budget), it can remove far less."""
+    ``visual`` (visual tokens left after each layer's attention), ``ms`` and ``reduction`` describe a
+    schedule that meets the budget: the programme's optimum nearest the budget on the feasible side, then
+    lowered one grid step at a time where that saves the most time per FLOP while it keeps the budget's
+    FLOPs. A greedy descent: its time can sit above the bound (and above other schedules'). :meth:`recipe`
+    makes it a recipe, e.g. a seed for :func:`fitprune.search.search`."""
 
     bound_ms: float
     full_ms: float  # the unpruned prefill under the same curve
     visual: tuple[int, ...]
     ms: float  # that schedule's time under the curve
     reduction: float  # the FLOPs it removes (≤ the budget)
+
+    def recipe(self, n_visual: int, **fields) -> Recipe:
+        """The schedule as a :class:`Recipe` for ``n_visual`` visual tokens (``fields``: scoring, family, ...)."""
+        drops = np.diff(np.concatenate([[n_visual], self.visual])) * -1
+        return Recipe.from_counts([int(d) for d in drops], n_visual, **fields)
 
 
 def _solve(t: np.ndarray, f: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
@@ -115,6 +122,35 @@ def _solve(t: np.ndarray, f: np.ndarray, lam: float) -> tuple[np.ndarray, float,
     prev = np.concatenate([[K - 1], path[:-1]])
     rows = np.arange(L)
     return path, float(t[rows, prev, path].sum()), float(f[rows, prev, path].sum())
+
+
+def _descend(path: np.ndarray, t1: np.ndarray, f1: np.ndarray, target: float) -> np.ndarray:
+    """From a schedule keeping at least ``target`` FLOPs, lower one layer's count by one grid step at a time,
+    the step that saves the most time per FLOP removed, while the schedule still keeps ``target``: a
+    feasible schedule near the budget. ``t1, f1``: (K, K) layer costs by (entering, leaving) index."""
+    path = path.copy()
+    L, top = len(path), t1.shape[0] - 1
+    flops = float(f1[np.concatenate([[top], path[:-1]]), path].sum())
+    layers = np.arange(L)
+    while True:
+        prev = np.concatenate([[top], path[:-1]])
+        nxt = np.concatenate([path[1:], [0]])
+        low = path - 1
+        ok = (low >= 0) & (low >= nxt)  # stays a count and stays non-increasing
+        low = np.maximum(low, 0)
+        d_t = t1[prev, low] - t1[prev, path]
+        d_f = f1[prev, low] - f1[prev, path]
+        follow = layers < L - 1  # the next layer is entered with one step fewer
+        d_t[follow] += t1[low[follow], nxt[follow]] - t1[path[follow], nxt[follow]]
+        d_f[follow] += f1[low[follow], nxt[follow]] - f1[path[follow], nxt[follow]]
+        ok &= (flops + d_f >= target) & (d_f < 0)
+        if not ok.any():
+            return path
+        gain = np.full(L, -np.inf)
+        gain[ok] = d_t[ok] / d_f[ok]  # ms saved per MAC removed (both deltas negative)
+        layer = int(np.argmax(gain))
+        path[layer] -= 1
+        flops += float(d_f[layer])
 
 
 def time_bound(curve: LatencyCurve, dims: ModelDims, n_visual: int, n_other: int, budget: float,
@@ -162,9 +198,12 @@ def time_bound(curve: LatencyCurve, dims: ModelDims, n_visual: int, n_other: int
             hi, hi_sol = mid, sol
         else:
             lo, lo_sol = mid, sol
-    path, ms, flops = hi_sol
+    path = _descend(hi_sol[0], t1, f1, target)
+    prev = np.concatenate([[len(counts) - 1], path[:-1]])
+    ms, flops = float(t1[prev, path].sum()), float(f1[prev, path].sum())
+    ms_b, f_b = hi_sol[1], hi_sol[2]
     # both are optima of T - λF at (nearly) one λ: the line through them supports every schedule, so one
     # keeping F >= target takes at least the line's time at the target
-    (_, ms_a, f_a), (ms_b, f_b) = lo_sol, (ms, flops)
+    _, ms_a, f_a = lo_sol
     bound = ms_b if f_a == f_b else ms_a + (ms_b - ms_a) * (target - f_a) / (f_b - f_a)
     return TimeBound(min(bound, ms), full_ms, tuple(int(c) for c in counts[path]), ms, 1 - flops / full_f)

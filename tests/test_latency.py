@@ -103,8 +103,16 @@ def test_time_bound_bound_holds_against_every_schedule(ms, budget):
     assert got.ms >= best - 1e-9  # and the returned schedule is one of them: feasible, not faster than the best
     assert got.reduction <= budget + 1e-9
     assert list(got.visual) == sorted(got.visual, reverse=True)
-    recipe = Recipe.from_counts(np.diff((n_visual,) + got.visual) * -1, n_visual)
+    recipe = got.recipe(n_visual)
+    assert list(n_visual - np.cumsum(recipe.drop_counts(n_visual))) == list(got.visual)
     assert schedule_ms(curve, TINY, recipe, n_visual, n_other) == pytest.approx(got.ms)
+    # nearest the budget: no single schedule step lower keeps the budget's FLOPs (the descent ran to its end)
+    for layer in range(3):
+        lower = list(got.visual)
+        lower[layer] -= 1
+        if lower[layer] >= 0 and (layer == 2 or lower[layer] >= lower[layer + 1]):
+            n_in = np.array([n_visual] + lower[:-1]) + n_other
+            assert cost(n_in, np.array(lower) + n_other).sum() < target - 1e-9
     assert got.full_ms == pytest.approx(schedule_ms(curve, TINY, None, n_visual, n_other))
 
 
