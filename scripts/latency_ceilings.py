@@ -82,6 +82,11 @@ def recipes(geo: str, info: dict) -> dict[str, Recipe]:
 
 def report(curves: dict, path: Path, step: int) -> list[str]:
     data = json.loads(path.read_text())
+    if data["meta"].get("tiny"):
+        raise SystemExit(f"{path}: a --tiny run; the curves are of the 7B layers, so its times do not compare")
+    unknown = sorted(set(data["meta"]["geometries"]) - set(LM))
+    if unknown:
+        raise SystemExit(f"{path}: geometries {unknown} have no layer model here; known: {', '.join(LM)}")
     lines = []
     for geo, info in data["meta"]["geometries"].items():
         dims = dims_of(LM[geo])

@@ -177,3 +177,10 @@ def test_ceilings_of_the_committed_batch_1_run(capsys):
     for (geo, label), (meas, sched, best) in rows.items():
         # the bound over every schedule at these FLOPs covers this one's (up to the search's 8-token grid)
         assert best >= sched - 0.01, (geo, label, sched, best)
+
+
+def test_ceilings_refuse_a_tiny_run(tmp_path):
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text('{"meta": {"tiny": true, "gpu": "cpu", "geometries": {}}, "rows": []}')
+    with pytest.raises(SystemExit, match="a --tiny run"):
+        latency_ceilings.main(["--curves", f"{RUN}-layer-latency-b1.json", str(tiny)])
