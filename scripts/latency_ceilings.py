@@ -7,7 +7,7 @@ same call) and prints, per geometry and batch, for every measured configuration:
 * ``meas/ideal``: the measured LM-prefill speed-up ÷ the FLOPs-ideal one (``bench_gpu``'s column);
 * ``pred ms`` and ``left ms``: Σ over layers of the isolated stock layer's time at the schedule's token
   counts, times κ = the measured unpruned LM prefill ÷ its Σ over layers (the whole model runs its layers
-  5-9 % slower than the isolated chain, H100, session 33), and the measured time left over: the pruner's
+  5-10 % slower than the isolated chain, H100, session 33), and the measured time left over: the pruner's
   own cost (scoring, selection, compaction) and the model's error;
 * ``sched/ideal``: Σ_unpruned ÷ Σ_schedule × FLOPs×: the speed-up ÷ ideal of the schedule with no pruner
   cost, the bound for any implementation of that schedule on these layers;
