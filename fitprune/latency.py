@@ -104,24 +104,30 @@ class TimeBound:
         return Recipe.from_counts([int(d) for d in drops], n_visual, **fields)
 
 
-def _solve(t: np.ndarray, f: np.ndarray, lam: float) -> tuple[np.ndarray, float, float]:
-    """min Σ_l (t - λ·f)[l, prev, cur] over non-increasing count indices, starting from the top index.
-    ``t, f``: (L, K, K) costs of a layer entered at index ``prev`` and left at ``cur`` (inf where cur > prev)."""
-    L, K, _ = t.shape
+def _path_cost(t1: np.ndarray, f1: np.ndarray, path: np.ndarray) -> tuple[float, float]:
+    """(ms, MACs) of a schedule of count indices ``path``, layer 0 entered at the top index."""
+    prev = np.concatenate([[t1.shape[0] - 1], path[:-1]])
+    return float(t1[prev, path].sum()), float(f1[prev, path].sum())
+
+
+def _solve(t1: np.ndarray, f1: np.ndarray, layers: int, lam: float) -> tuple[np.ndarray, float, float]:
+    """min over ``layers`` layers of Σ (t - λ·f)[prev, cur] over non-increasing count indices, starting from
+    the top index. ``t1, f1``: (K, K) costs of a layer entered at index ``prev`` and left at ``cur`` (the
+    same for every layer; t inf where cur > prev). Returns the path and its (ms, MACs)."""
+    K = t1.shape[0]
+    lam_f = lam * f1
     best = np.full(K, np.inf)
     best[K - 1] = 0.0  # layer 0 is entered with every token
-    back = np.zeros((L, K), dtype=np.int64)
-    for layer in range(L):
-        total = best[:, None] + t[layer] - lam * f[layer]  # (prev, cur)
+    back = np.zeros((layers, K), dtype=np.int64)
+    for layer in range(layers):
+        total = best[:, None] + t1 - lam_f  # (prev, cur)
         back[layer] = np.argmin(total, axis=0)
         best = total[back[layer], np.arange(K)]
-    path = np.empty(L, dtype=np.int64)
+    path = np.empty(layers, dtype=np.int64)
     path[-1] = int(np.argmin(best))
-    for layer in range(L - 1, 0, -1):
+    for layer in range(layers - 1, 0, -1):
         path[layer - 1] = back[layer, path[layer]]
-    prev = np.concatenate([[K - 1], path[:-1]])
-    rows = np.arange(L)
-    return path, float(t[rows, prev, path].sum()), float(f[rows, prev, path].sum())
+    return (path, *_path_cost(t1, f1, path))
 
 
 def _descend(path: np.ndarray, t1: np.ndarray, f1: np.ndarray, target: float) -> np.ndarray:
@@ -130,7 +136,7 @@ def _descend(path: np.ndarray, t1: np.ndarray, f1: np.ndarray, target: float) ->
     feasible schedule near the budget. ``t1, f1``: (K, K) layer costs by (entering, leaving) index."""
     path = path.copy()
     L, top = len(path), t1.shape[0] - 1
-    flops = float(f1[np.concatenate([[top], path[:-1]]), path].sum())
+    flops = _path_cost(t1, f1, path)[1]
     layers = np.arange(L)
     while True:
         prev = np.concatenate([[top], path[:-1]])
@@ -172,35 +178,33 @@ def time_bound(curve: LatencyCurve, dims: ModelDims, n_visual: int, n_other: int
     grows = counts[None, :] > counts[:, None]
     t1, f1 = np.where(grows, np.inf, t1), np.where(grows, 0.0, f1)
     L = dims.num_layers
-    t, f = np.broadcast_to(t1, (L, *t1.shape)), np.broadcast_to(f1, (L, *f1.shape))
-    full_ms = float(L * _layer_ms(curve, share, n_visual + n_other, n_visual + n_other))
+    full_ms = schedule_ms(curve, dims, None, n_visual, n_other)
     full_f = float(L * cost(np.float64(n_visual + n_other), np.float64(n_visual + n_other)))
     target = (1.0 - budget - FEASIBLE_EPS) * full_f  # kept FLOPs; the eps absorbs the sums' rounding
 
-    lo_sol = _solve(t, f, 0.0)  # λ = 0: the fastest schedule, FLOPs aside (every visual token dropped early)
+    lo_sol = _solve(t1, f1, L, 0.0)  # λ = 0: the fastest schedule, FLOPs aside (every visual token dropped early)
     if lo_sol[2] >= target:
         path, ms, flops = lo_sol
         return TimeBound(ms, full_ms, tuple(int(c) for c in counts[path]), ms, 1 - flops / full_f)
     hi = full_ms / full_f  # λ in ms per MAC: start at the unpruned prefill's rate
-    hi_sol = _solve(t, f, hi)
+    hi_sol = _solve(t1, f1, L, hi)
     for _ in range(200):  # raise λ until kept FLOPs count for more than time (keeping every token meets it)
         if hi_sol[2] >= target:
             break
         hi *= 4.0
-        hi_sol = _solve(t, f, hi)
+        hi_sol = _solve(t1, f1, L, hi)
     else:  # pragma: no cover - keeping every token keeps all the FLOPs
         raise RuntimeError(f"no λ up to {hi:g} keeps {1 - budget:.3f} of the FLOPs; the curve or costs are malformed")
     lo = 0.0
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        sol = _solve(t, f, mid)
+        sol = _solve(t1, f1, L, mid)
         if sol[2] >= target:
             hi, hi_sol = mid, sol
         else:
             lo, lo_sol = mid, sol
     path = _descend(hi_sol[0], t1, f1, target)
-    prev = np.concatenate([[len(counts) - 1], path[:-1]])
-    ms, flops = float(t1[prev, path].sum()), float(f1[prev, path].sum())
+    ms, flops = _path_cost(t1, f1, path)
     ms_b, f_b = hi_sol[1], hi_sol[2]
     # both are optima of T - λF at (nearly) one λ: the line through them supports every schedule, so one
     # keeping F >= target takes at least the line's time at the target

@@ -48,21 +48,25 @@ def _tokens(spec: str) -> list[int]:
     return got
 
 
+def text_config(name: str):
+    """The language-model config of ``name`` (one of :data:`MODELS`), as the 7B geometries of bench_gpu.py."""
+    if name == "llama-7b":
+        return _llama_text(False, 32000)
+    from transformers import Qwen2VLConfig
+    return Qwen2VLConfig(text_config=qwen2_vl_text(False)).text_config
+
+
 def build(name: str, device: torch.device):
     """(text model with one decoder layer, whether positions are 3D (Qwen2-VL's M-RoPE))."""
+    config = text_config(name)
+    config.num_hidden_layers = 1
+    if name == "llama-7b":
+        from transformers import LlamaModel as cls
+    else:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel as cls
     with torch.device(device):
-        if name == "llama-7b":
-            from transformers import LlamaModel
-            config = _llama_text(False, 32000)
-            config.num_hidden_layers = 1
-            model = LlamaModel._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-            return model.eval(), False
-        from transformers import Qwen2VLConfig
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
-        config = Qwen2VLConfig(text_config=qwen2_vl_text(False)).text_config
-        config.num_hidden_layers = 1
-        model = Qwen2VLTextModel._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-        return model.eval(), True
+        model = cls._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval(), name != "llama-7b"
 
 
 def layer_ms(model, mrope: bool, batch: int, n: int, chain: int, repeats: int) -> float:

@@ -34,7 +34,8 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import Method, _fastv_match, _llama_text, qwen2_vl_text  # noqa: E402
+from bench_gpu import Method, _fastv_match  # noqa: E402
+from bench_layer_latency import text_config  # noqa: E402
 
 from fitprune.flops import ModelDims  # noqa: E402
 from fitprune.latency import LatencyCurve, schedule_ms, time_bound  # noqa: E402
@@ -45,10 +46,7 @@ FAMILY = {"llava-1.5-7b": "llava", "llava-next-7b": "llava_next", "qwen2-vl-7b":
 
 
 def dims_of(model: str) -> ModelDims:
-    if model == "llama-7b":
-        return ModelDims.from_config(_llama_text(False, 32000))
-    from transformers import Qwen2VLConfig
-    return ModelDims.from_config(Qwen2VLConfig(text_config=qwen2_vl_text(False)).text_config)
+    return ModelDims.from_config(text_config(model))
 
 
 def shape(visual: tuple[int, ...], n_visual: int) -> str:
